@@ -1,0 +1,75 @@
+--[[
+  confirm: turn an active hold into an order and append the order to the event's outbox, atomically.
+
+  KEYS[1]  {evt:E}:meta
+  ARGV[1]  hold_id            string
+  ARGV[2]  order_id           string, chosen by the caller; used only if this call confirms the hold
+  ARGV[3]  payment_ref        string
+  ARGV[4]  retention_seconds  integer, how long the hold record and order pointer stay in Redis
+  ARGV[5]  reap_limit         integer
+
+  Safe to run twice: a confirmed hold returns its existing order (created = false).
+  Works while the sale is paused (a paused event refuses new holds, not payment for given ones).
+
+  Returns JSON, one of:
+    {"order": O, "created": true|false, "outbox_id": id|null}
+    {"err": code, "details": {}} with code in event_not_found, hold_not_found, hold_expired (also when
+      expires_at_ms has passed but the hold was not reaped yet: it is reaped now), hold_released
+  O = {order_id, event_id, hold_id, customer_id, items, amount_cents, payment_ref, confirmed_at_ms}
+  The outbox entry has one field, "order", holding O as JSON.
+]]
+--- @include common
+
+local meta_key = KEYS[1]
+local prefix = prefix_of(meta_key)
+local hold_id = ARGV[1]
+local retention = tonumber(ARGV[4])
+
+local event_id = redis.call('HGET', meta_key, 'event_id')
+if not event_id then return fail('event_not_found') end
+
+local now = now_ms()
+reap(prefix, now, tonumber(ARGV[5]), retention)
+
+local hold = hold_view(prefix, hold_id)
+if not hold then return fail('hold_not_found') end
+
+local function order_of(h)
+  return { order_id = h.order_id, event_id = event_id, hold_id = h.hold_id, customer_id = h.customer_id,
+           items = h.items, amount_cents = h.amount_cents, payment_ref = h.payment_ref,
+           confirmed_at_ms = h.confirmed_at_ms }
+end
+
+if hold.status == 'confirmed' then
+  return cjson.encode({ order = order_of(hold), created = false })
+end
+if hold.status == 'active' and hold.expires_at_ms <= now then
+  end_hold(prefix, hold_id, 'expired', now, retention)
+  hold.status = 'expired'
+end
+if hold.status == 'expired' then return fail('hold_expired', { expires_at_ms = hold.expires_at_ms }) end
+if hold.status == 'released' then return fail('hold_released') end
+
+local order_id = ARGV[2]
+local sold_mark = 's:' .. order_id
+for _, item in ipairs(hold.items) do
+  local zkey = prefix .. 'zone:' .. item.zone_id
+  if item.seats then
+    local okey = prefix .. 'owner:' .. item.zone_id
+    for _, seat in ipairs(item.seats) do redis.call('HSET', okey, seat, sold_mark) end
+  end
+  local n = item_count(item)
+  redis.call('HINCRBY', zkey, 'held', -n)
+  redis.call('HINCRBY', zkey, 'sold', n)
+end
+local hkey = prefix .. 'hold:' .. hold_id
+redis.call('HSET', hkey, 'status', 'confirmed', 'order_id', order_id, 'payment_ref', ARGV[3],
+  'confirmed_at_ms', now, 'ended_at_ms', now)
+redis.call('EXPIRE', hkey, retention)
+redis.call('ZREM', prefix .. 'expiry', hold_id)
+redis.call('SET', prefix .. 'order:' .. order_id, hold_id, 'EX', retention)
+
+hold.order_id, hold.payment_ref, hold.confirmed_at_ms = order_id, ARGV[3], now
+local order = order_of(hold)
+local outbox_id = redis.call('XADD', prefix .. 'outbox', '*', 'order', cjson.encode(order))
+return cjson.encode({ order = order, created = true, outbox_id = outbox_id })

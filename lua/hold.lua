@@ -1,0 +1,126 @@
+--[[
+  hold: put stock aside for a customer, all items or none.
+
+  KEYS[1]  {evt:E}:meta       event hash (other keys of the event are built from its prefix)
+  ARGV[1]  hold_id            string, chosen by the caller; a second call with the same id returns the
+                              first hold unchanged (safe to run twice: redis-py retries after a timeout)
+  ARGV[2]  customer_id        string
+  ARGV[3]  ttl_seconds        integer, 0 = the event's hold_ttl_seconds
+  ARGV[4]  items              JSON [{"zone_id": Z, "quantity": n} | {"zone_id": Z, "seats": [label, ...]}],
+                              zones distinct, seat labels normalised and distinct
+  ARGV[5]  idempotency_key    string, "" for none
+  ARGV[6]  body_sha256        hex digest of the canonical request body (compared on a key's reuse)
+  ARGV[7]  idempotency_ttl_seconds  integer
+  ARGV[8]  retention_seconds  integer, how long the hold record outlives its end
+  ARGV[9]  reap_limit         integer, most expired holds reaped first
+
+  Returns JSON, one of:
+    {"hold": H, "replay": false}  created now (or by an earlier run with the same hold_id)
+    {"hold": H, "replay": true}   the idempotency key was used before with the same body
+    {"err": code, "details": {...}} with code in
+      event_not_found, sale_paused, zone_not_found {zone_id}, invalid_item {zone_id, reason},
+      unknown_seats {zone_id, seats}, ttl_too_long {max_ttl_seconds},
+      idempotency_conflict, sold_out {zone_id, requested, available},
+      seats_unavailable {seats: [{zone_id, seat}]}, limit_exceeded {limit, current, requested}
+  H = {hold_id, customer_id, status, items, tickets, amount_cents, created_at_ms, expires_at_ms, ...}
+]]
+--- @include common
+
+local meta_key = KEYS[1]
+local prefix = prefix_of(meta_key)
+local hold_id, customer_id = ARGV[1], ARGV[2]
+local ttl_seconds = tonumber(ARGV[3])
+local idem_key, body_sha = ARGV[5], ARGV[6]
+local retention = tonumber(ARGV[8])
+
+local now = now_ms()
+reap(prefix, now, tonumber(ARGV[9]), retention)
+
+local existing = hold_view(prefix, hold_id)
+if existing then return cjson.encode({ hold = existing, replay = false }) end
+
+local meta = redis.call('HMGET', meta_key, 'status', 'hold_ttl_seconds', 'max_tickets_per_customer')
+if not meta[1] then return fail('event_not_found') end
+
+local idem = nil
+if idem_key ~= '' then
+  idem = prefix .. 'idem:' .. idem_key
+  local seen = redis.call('GET', idem)
+  if seen then
+    local sha, first_id = string.match(seen, '^(%S+) (%S+)$')
+    if sha ~= body_sha then return fail('idempotency_conflict') end
+    local first = hold_view(prefix, first_id)
+    if first then return cjson.encode({ hold = first, replay = true }) end
+    -- the first hold's record is gone (past retention): treat the key as fresh
+  end
+end
+
+if meta[1] ~= 'on_sale' then return fail('sale_paused') end
+
+local max_ttl = tonumber(meta[2])
+if ttl_seconds == 0 then ttl_seconds = max_ttl end
+if ttl_seconds > max_ttl then return fail('ttl_too_long', { max_ttl_seconds = max_ttl }) end
+
+-- Check every item before writing anything: all or none.
+local items = cjson.decode(ARGV[4])
+local tickets, amount = 0, 0
+local taken = {}
+for _, item in ipairs(items) do
+  local zkey = prefix .. 'zone:' .. item.zone_id
+  local z = redis.call('HMGET', zkey, 'kind', 'available', 'price_cents')
+  if not z[1] then return fail('zone_not_found', { zone_id = item.zone_id }) end
+  if item.seats then
+    if z[1] ~= 'seated' then return fail('invalid_item', { zone_id = item.zone_id, reason = 'general-admission zone: give quantity, not seats' }) end
+    local skey = prefix .. 'seats:' .. item.zone_id
+    local unknown = {}
+    for _, seat in ipairs(item.seats) do
+      if not redis.call('ZSCORE', skey, seat) then unknown[#unknown + 1] = seat end
+    end
+    if #unknown > 0 then return fail('unknown_seats', { zone_id = item.zone_id, seats = unknown }) end
+    local owners = redis.call('HMGET', prefix .. 'owner:' .. item.zone_id, unpack(item.seats))
+    for i, seat in ipairs(item.seats) do
+      if owners[i] then taken[#taken + 1] = { zone_id = item.zone_id, seat = seat } end
+    end
+  else
+    if z[1] ~= 'ga' then return fail('invalid_item', { zone_id = item.zone_id, reason = 'seated zone: give seats, not quantity' }) end
+    local available = tonumber(z[2])
+    if item.quantity > available then
+      return fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available })
+    end
+  end
+  local n = item_count(item)
+  tickets = tickets + n
+  amount = amount + n * tonumber(z[3])
+end
+if #taken > 0 then return fail('seats_unavailable', { seats = taken }) end
+
+local limit = tonumber(meta[3])
+local current = tonumber(redis.call('HGET', prefix .. 'customers', customer_id) or '0')
+if current + tickets > limit then
+  return fail('limit_exceeded', { limit = limit, current = current, requested = tickets })
+end
+
+-- Write.
+local owner = 'h:' .. hold_id
+for _, item in ipairs(items) do
+  local zkey = prefix .. 'zone:' .. item.zone_id
+  if item.seats then
+    local okey = prefix .. 'owner:' .. item.zone_id
+    for _, seat in ipairs(item.seats) do redis.call('HSET', okey, seat, owner) end
+  end
+  local n = item_count(item)
+  redis.call('HINCRBY', zkey, 'available', -n)
+  redis.call('HINCRBY', zkey, 'held', n)
+end
+redis.call('HINCRBY', prefix .. 'customers', customer_id, tickets)
+local expires_at = now + ttl_seconds * 1000
+local hkey = prefix .. 'hold:' .. hold_id
+redis.call('HSET', hkey, 'hold_id', hold_id, 'customer_id', customer_id, 'status', 'active',
+  'items', ARGV[4], 'tickets', tickets, 'amount_cents', amount,
+  'created_at_ms', now, 'expires_at_ms', expires_at)
+redis.call('EXPIRE', hkey, ttl_seconds + retention)
+redis.call('ZADD', prefix .. 'expiry', expires_at, hold_id)
+if idem then
+  redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', tonumber(ARGV[7]))
+end
+return cjson.encode({ hold = hold_view(prefix, hold_id), replay = false })

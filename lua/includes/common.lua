@@ -1,0 +1,94 @@
+--[[
+  Shared by every script (spliced in by service/scripts.py where a script says `--- @include common`).
+
+  Key layout of one event; every key carries the hash tag {evt:<event_id>} so a script touches one
+  Redis Cluster slot. `prefix` is "{evt:<event_id>}:".
+    prefix.."meta"          hash   event_id, name, starts_at, hold_ttl_seconds, max_tickets_per_customer,
+                                   status (on_sale|paused), zones (JSON array of zone ids)
+    prefix.."zone:"..Z      hash   kind (ga|seated), capacity, available, held, sold, price_cents
+    prefix.."seats:"..Z     zset   seat label -> position in the seat map (seated zones)
+    prefix.."owner:"..Z     hash   seat label -> "h:<hold_id>" (held) or "s:<order_id>" (sold)
+    prefix.."hold:"..H      hash   hold_id, customer_id, status, items (JSON), tickets, amount_cents,
+                                   created_at_ms, expires_at_ms, [ended_at_ms], [order_id, payment_ref,
+                                   confirmed_at_ms]; key TTL: expiry + retention while active, retention after
+    prefix.."expiry"        zset   hold_id -> expires_at_ms, active holds only
+    prefix.."customers"     hash   customer_id -> tickets in active holds + confirmed orders
+    prefix.."idem:"..K      string "<body_sha256> <hold_id>", TTL idempotency_ttl_seconds
+    prefix.."order:"..O     string hold_id, TTL retention
+    prefix.."outbox"        stream one entry per confirmed order, field "order" = order JSON
+]]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function prefix_of(meta_key)
+  return string.sub(meta_key, 1, #meta_key - 4) -- strip "meta"
+end
+
+local function item_count(item)
+  if item.seats then return #item.seats end
+  return item.quantity
+end
+
+-- The hold as a table, or nil when its record is gone.
+local function hold_view(prefix, hold_id)
+  local f = redis.call('HGETALL', prefix .. 'hold:' .. hold_id)
+  if #f == 0 then return nil end
+  local h = {}
+  for i = 1, #f, 2 do h[f[i]] = f[i + 1] end
+  local view = {
+    hold_id = h.hold_id, customer_id = h.customer_id, status = h.status,
+    items = cjson.decode(h.items), amount_cents = tonumber(h.amount_cents),
+    tickets = tonumber(h.tickets),
+    created_at_ms = tonumber(h.created_at_ms), expires_at_ms = tonumber(h.expires_at_ms),
+  }
+  if h.ended_at_ms then view.ended_at_ms = tonumber(h.ended_at_ms) end
+  if h.order_id then
+    view.order_id = h.order_id
+    view.payment_ref = h.payment_ref
+    view.confirmed_at_ms = tonumber(h.confirmed_at_ms)
+  end
+  return view
+end
+
+-- End an active hold as "released" or "expired": its stock and seats go back, it leaves the expiry set.
+-- Returns true if the hold was active. Anything already terminal is left untouched.
+local function end_hold(prefix, hold_id, status, at_ms, retention_seconds)
+  local hkey = prefix .. 'hold:' .. hold_id
+  local h = redis.call('HMGET', hkey, 'status', 'items', 'customer_id', 'tickets')
+  redis.call('ZREM', prefix .. 'expiry', hold_id)
+  if h[1] ~= 'active' then return false end
+  local owner = 'h:' .. hold_id
+  for _, item in ipairs(cjson.decode(h[2])) do
+    local zkey = prefix .. 'zone:' .. item.zone_id
+    if item.seats then
+      local okey = prefix .. 'owner:' .. item.zone_id
+      for _, seat in ipairs(item.seats) do
+        if redis.call('HGET', okey, seat) == owner then redis.call('HDEL', okey, seat) end
+      end
+    end
+    local n = item_count(item)
+    redis.call('HINCRBY', zkey, 'held', -n)
+    redis.call('HINCRBY', zkey, 'available', n)
+  end
+  local ckey = prefix .. 'customers'
+  if redis.call('HINCRBY', ckey, h[3], -tonumber(h[4])) <= 0 then redis.call('HDEL', ckey, h[3]) end
+  redis.call('HSET', hkey, 'status', status, 'ended_at_ms', at_ms)
+  redis.call('EXPIRE', hkey, retention_seconds)
+  return true
+end
+
+-- Reap up to `limit` holds whose expires_at_ms <= now. Returns how many were reaped.
+local function reap(prefix, now, limit, retention_seconds)
+  local ids = redis.call('ZRANGEBYSCORE', prefix .. 'expiry', '-inf', now, 'LIMIT', 0, limit)
+  for _, hold_id in ipairs(ids) do
+    end_hold(prefix, hold_id, 'expired', now, retention_seconds)
+  end
+  return #ids
+end
+
+local function fail(code, details)
+  return cjson.encode({ err = code, details = details or {} })
+end

@@ -1,0 +1,64 @@
+--[[
+  seat_page: one page of a seated zone's seat map, in catalog order, after reaping expired holds.
+
+  KEYS[1]  {evt:E}:meta
+  ARGV[1]  zone_id            string
+  ARGV[2]  status             "" (any) | "available" | "held" | "sold"
+  ARGV[3]  after              seat label to start after, "" = from the first seat
+  ARGV[4]  limit              integer, most seats returned
+  ARGV[5]  scan_limit         integer, most seats examined in one call (bounds the script's run time)
+  ARGV[6]  retention_seconds  integer
+  ARGV[7]  reap_limit         integer
+
+  Returns JSON: {"seats": [{seat, status}], "next": label|null} where next is the `after` of the following
+  page (null at the end), or {"err": code, "details": {}} with code in event_not_found, zone_not_found,
+  invalid_item {zone_id, reason} (not a seated zone), unknown_seats {zone_id, seats} (unknown `after`).
+]]
+--- @include common
+
+local meta_key = KEYS[1]
+local prefix = prefix_of(meta_key)
+local zone_id, want, after = ARGV[1], ARGV[2], ARGV[3]
+local limit, scan_limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+
+if redis.call('EXISTS', meta_key) == 0 then return fail('event_not_found') end
+local kind = redis.call('HGET', prefix .. 'zone:' .. zone_id, 'kind')
+if not kind then return fail('zone_not_found', { zone_id = zone_id }) end
+if kind ~= 'seated' then return fail('invalid_item', { zone_id = zone_id, reason = 'general-admission zone has no seat map' }) end
+reap(prefix, now_ms(), tonumber(ARGV[7]), tonumber(ARGV[6]))
+
+local skey, okey = prefix .. 'seats:' .. zone_id, prefix .. 'owner:' .. zone_id
+local from = '-inf'
+if after ~= '' then
+  local pos = redis.call('ZSCORE', skey, after)
+  if not pos then return fail('unknown_seats', { zone_id = zone_id, seats = { after } }) end
+  from = '(' .. pos
+end
+
+local out, scanned, last, chunk = {}, 0, nil, math.min(scan_limit, 500)
+while #out < limit and scanned < scan_limit do
+  local labels = redis.call('ZRANGEBYSCORE', skey, from, '+inf', 'WITHSCORES', 'LIMIT', 0, chunk)
+  if #labels == 0 then return cjson.encode({ seats = out, next = cjson.null }) end
+  local names = {}
+  for i = 1, #labels, 2 do names[#names + 1] = labels[i] end
+  local owners = redis.call('HMGET', okey, unpack(names))
+  for i, seat in ipairs(names) do
+    local o = owners[i]
+    local st = 'available'
+    if o then
+      if string.sub(o, 1, 2) == 's:' then st = 'sold' else st = 'held' end
+    end
+    scanned = scanned + 1
+    last = seat
+    from = '(' .. labels[2 * i]
+    if want == '' or want == st then
+      out[#out + 1] = { seat = seat, status = st }
+      if #out >= limit then break end
+    end
+    if scanned >= scan_limit then break end
+  end
+end
+-- Is there anything after `last`?
+local more = redis.call('ZRANGEBYSCORE', skey, from, '+inf', 'LIMIT', 0, 1)
+if #more == 0 then return cjson.encode({ seats = out, next = cjson.null }) end
+return cjson.encode({ seats = out, next = last })

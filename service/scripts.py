@@ -1,0 +1,96 @@
+"""Load the Lua scripts in ``lua/`` once and call them through one thin wrapper.
+
+A script may say ``--- @include NAME`` on a line of its own; the loader splices in
+``lua/includes/NAME.lua`` there (as BullMQ does), so shared logic such as reaping is written once.
+
+``ScriptRunner.run`` sends EVALSHA. With ``auto_pipeline`` on, every call made in the same event-loop
+tick is queued and sent in one pipeline (one round trip, one connection), the way ioredis'
+auto-pipelining works; results come back to each caller in order. A NOSCRIPT reply (Redis restarted or
+SCRIPT FLUSH) makes the runner load the script and send that call again; that is safe because every
+script is idempotent (see each script's header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+SCRIPT_NAMES = ("hold", "confirm", "release", "get_hold", "availability", "seat_page", "reap")
+_INCLUDE = re.compile(r"^--- @include (\w+)\s*$", re.M)
+
+
+def script_source(name: str) -> str:
+    """The full text of ``lua/<name>.lua`` with its includes spliced in. Raises FileNotFoundError."""
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    return _INCLUDE.sub(lambda m: (LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), text)
+
+
+class ScriptRunner:
+    """Runs the project's scripts on one client (one connection pool per process)."""
+
+    def __init__(self, client: aioredis.Redis, *, auto_pipeline: bool = True):
+        self.client = client
+        self.auto_pipeline = auto_pipeline
+        self.scripts: dict[str, AsyncScript] = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
+        self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
+        self._flushing: set[asyncio.Task] = set()
+
+    async def load(self) -> None:
+        """SCRIPT LOAD every script (at start-up, so the first requests don't pay for it)."""
+        for script in self.scripts.values():
+            await self.client.script_load(script.script)
+
+    async def loaded(self) -> bool:
+        """True if the server holds every script (readiness)."""
+        shas = [s.sha for s in self.scripts.values()]
+        return all(await self.client.script_exists(*shas))
+
+    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA ``name`` and return its reply. Raises redis.exceptions.RedisError on failure."""
+        script = self.scripts[name]
+        if not self.auto_pipeline:
+            return await script(keys=keys, args=args)
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((script, keys, args, fut))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _send(self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]) -> None:
+        try:
+            if len(batch) == 1:
+                script, keys, args, fut = batch[0]
+                result: Any = await script(keys=keys, args=args)
+                if not fut.done():
+                    fut.set_result(result)
+                return
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            for (script, keys, args, fut), result in zip(batch, results, strict=True):
+                if isinstance(result, NoScriptError):
+                    result = await script(keys=keys, args=args)  # loads it, then EVALSHA again
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+        except Exception as exc:  # connection lost, pool exhausted...: every caller sees it
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
