@@ -1,0 +1,185 @@
+"""The sale's rules on the Python side: identifiers, request shapes, normalisation and the hold state machine.
+
+The atomic rules (capacity, seat ownership, expiry, state transitions) are enforced in the Lua scripts
+(``lua/``); this module validates what goes into them and names their states. HTTP, workers and load
+tests import from here, never the other way round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from service.errors import DomainError
+
+# Hold state machine: active -> confirmed | released | expired; nothing leaves a terminal state.
+HOLD_ACTIVE = "active"
+HOLD_STATES = ("active", "confirmed", "released", "expired")
+HOLD_TRANSITIONS = {"active": {"confirmed", "released", "expired"}, "confirmed": set(), "released": set(), "expired": set()}
+
+EVENT_ON_SALE, EVENT_PAUSED = "on_sale", "paused"
+
+MAX_HOLD_TTL_SECONDS = 3600
+MAX_SEATS_PER_ZONE = 200_000
+
+Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+"""Event and zone ids: 1-64 of letters, digits, '.', '_', '-' (no braces: they would break the hash tag)."""
+CustomerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S+$")]
+SEAT_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,31}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def normalize_seat(label: str) -> str:
+    """Seat labels are trimmed and upper-cased: ``" a1 "`` -> ``"A1"``. Raises ValueError if malformed."""
+    seat = label.strip().upper()
+    if not SEAT_RE.match(seat):
+        raise ValueError(f"seat label {label!r} is not 1-32 of A-Z, 0-9, '.', '_', '-'")
+    return seat
+
+
+def _normalize_unique(labels: list[str]) -> list[str]:
+    seats = [normalize_seat(s) for s in labels]
+    dupes = sorted({s for s in seats if seats.count(s) > 1}) if len(set(seats)) != len(seats) else []
+    if dupes:
+        raise ValueError(f"duplicate seats after normalising: {', '.join(dupes[:20])}")
+    return seats
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class ZoneSpec(_Strict):
+    zone_id: Ident
+    kind: Literal["ga", "seated"]
+    price_cents: int = Field(ge=0)
+    capacity: int | None = Field(default=None, ge=1, le=10_000_000)
+    seats: list[str] | None = None
+    rows: dict[str, int] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ZoneSpec:
+        if self.kind == "ga":
+            if self.capacity is None:
+                raise ValueError("a ga zone needs capacity")
+            if self.seats is not None or self.rows is not None:
+                raise ValueError("a ga zone has no seats or rows")
+        else:
+            if (self.seats is None) == (self.rows is None):
+                raise ValueError("a seated zone needs exactly one of seats or rows")
+            labels = self.seats if self.seats is not None else [
+                f"{row}{n}" for row, count in self.rows.items() for n in range(1, _row_count(row, count) + 1)
+            ]
+            self.seats = _normalize_unique(labels)
+            self.rows = None
+            if not self.seats or len(self.seats) > MAX_SEATS_PER_ZONE:
+                raise ValueError(f"a seated zone has 1..{MAX_SEATS_PER_ZONE} seats")
+            if self.capacity is not None and self.capacity != len(self.seats):
+                raise ValueError("capacity of a seated zone is its number of seats")
+            self.capacity = len(self.seats)
+        return self
+
+
+def _row_count(row: str, count: int) -> int:
+    if not isinstance(count, int) or not 1 <= count <= 10_000:
+        raise ValueError(f"row {row!r} needs 1..10000 seats")
+    return count
+
+
+class EventSpec(_Strict):
+    """``POST /v1/events`` body; ``zones`` in catalog order."""
+
+    event_id: Ident
+    name: str = Field(min_length=1, max_length=200)
+    starts_at: datetime
+    hold_ttl_seconds: int = Field(default=600, ge=1, le=MAX_HOLD_TTL_SECONDS)
+    max_tickets_per_customer: int = Field(default=10, ge=1, le=1000)
+    zones: list[ZoneSpec] = Field(min_length=1, max_length=1000)
+
+    @field_validator("zones")
+    @classmethod
+    def _distinct(cls, zones: list[ZoneSpec]) -> list[ZoneSpec]:
+        ids = [z.zone_id for z in zones]
+        if len(set(ids)) != len(ids):
+            raise ValueError("zone ids must be distinct")
+        return zones
+
+    @field_validator("starts_at")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        return v if v.tzinfo else v.replace(tzinfo=UTC)
+
+
+class HoldItem(_Strict):
+    zone_id: Ident
+    quantity: int | None = Field(default=None, ge=1, le=1000)
+    seats: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> HoldItem:
+        if (self.quantity is None) == (self.seats is None):
+            raise ValueError("give exactly one of quantity (general admission) or seats (seated zone)")
+        if self.seats is not None:
+            self.seats = _normalize_unique(self.seats)
+        return self
+
+    def as_script_item(self) -> dict[str, Any]:
+        if self.seats is not None:
+            return {"zone_id": self.zone_id, "seats": self.seats}
+        return {"zone_id": self.zone_id, "quantity": self.quantity}
+
+
+class HoldRequest(_Strict):
+    """``POST /v1/events/{event_id}/holds`` body. ``ttl_seconds`` defaults to the event's hold_ttl_seconds."""
+
+    customer_id: CustomerId
+    items: list[HoldItem] = Field(min_length=1, max_length=100)
+    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_HOLD_TTL_SECONDS)
+
+    @field_validator("items")
+    @classmethod
+    def _distinct_zones(cls, items: list[HoldItem]) -> list[HoldItem]:
+        ids = [i.zone_id for i in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("each zone may appear once in items")
+        return items
+
+    def body_sha256(self) -> str:
+        """Digest of the normalised request: the same hold asked twice hashes the same (idempotency)."""
+        canon = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canon).hexdigest()
+
+
+class ConfirmRequest(_Strict):
+    payment_ref: str = Field(min_length=1, max_length=200)
+
+
+def iso_ms(ms: int | None) -> str | None:
+    """Epoch milliseconds -> RFC 3339 UTC string with millisecond precision (``2027-05-24T19:00:00.000Z``)."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def check_ident(value: str, what: str) -> str:
+    """Path parameters: 404-shaped ids are rejected early as not found, never passed into a key."""
+    if not ID_RE.match(value):
+        raise DomainError(f"{what}_not_found")
+    return value
+
+
+def check_idempotency_key(value: str | None) -> str:
+    if value is None:
+        return ""
+    if not IDEMPOTENCY_KEY_RE.match(value):
+        raise DomainError(
+            "validation_failed",
+            details={"errors": [{"field": "Idempotency-Key", "message": "1-255 visible ASCII characters"}]},
+        )
+    return value

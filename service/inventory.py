@@ -1,0 +1,190 @@
+"""Inventory in Redis: the one place Python talks to the sale's Lua scripts.
+
+Each method builds an event's keys, runs one script through ``ScriptRunner`` and turns the script's
+JSON reply into a dict or a ``DomainError``. Times are epoch milliseconds of Redis' own clock (``TIME``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from service import keys
+from service.domain import EVENT_ON_SALE, EventSpec, HoldRequest
+from service.errors import DomainError
+from service.scripts import ScriptRunner
+from service.settings import Settings
+
+SEAT_LOAD_CHUNK = 10_000
+
+# Script error codes that are request-validation problems (422) rather than sale outcomes.
+_VALIDATION = {
+    "invalid_item": "items",
+    "unknown_seats": "items",
+    "ttl_too_long": "ttl_seconds",
+}
+
+
+def new_id(kind: str) -> str:
+    """``h_``/``o_`` + 32 hex digits (uuid4): unguessable, so a hold id is a bearer capability."""
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+def _reply(raw: bytes | str) -> dict[str, Any]:
+    data = orjson.loads(raw)
+    err = data.get("err")
+    if err is None:
+        return data
+    details = data.get("details") or {}
+    if err in _VALIDATION:
+        messages = {
+            "invalid_item": lambda d: f"zone {d['zone_id']}: {d['reason']}",
+            "unknown_seats": lambda d: f"zone {d['zone_id']} has no seats {', '.join(d['seats'])}",
+            "ttl_too_long": lambda d: f"at most the event's hold_ttl_seconds ({d['max_ttl_seconds']})",
+        }
+        raise DomainError(
+            "validation_failed",
+            details={"errors": [{"field": _VALIDATION[err], "message": messages[err](details), **details}]},
+        )
+    raise DomainError(err, details=details or None)
+
+
+class Inventory:
+    """Atomic inventory operations for one process. Raises DomainError; Redis failures propagate."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings):
+        self.client = client
+        self.settings = settings
+        self.runner = ScriptRunner(client, auto_pipeline=settings.auto_pipeline)
+
+    def _common(self) -> list[int]:
+        return [self.settings.hold_retention_seconds, self.settings.reap_batch]
+
+    async def hold(self, event_id: str, req: HoldRequest, idempotency_key: str = "") -> tuple[dict, bool]:
+        """Hold all items or none. Returns (hold, replay) with replay True for an idempotent repeat.
+
+        Raises DomainError: event_not_found, zone_not_found, sale_paused, sold_out, seats_unavailable,
+        limit_exceeded, idempotency_conflict, validation_failed.
+        """
+        items = orjson.dumps([i.as_script_item() for i in req.items])
+        args = [
+            new_id("h"), req.customer_id, req.ttl_seconds or 0, items, idempotency_key, req.body_sha256(),
+            self.settings.idempotency_ttl_seconds, *self._common(),
+        ]
+        data = _reply(await self.runner.run("hold", [keys.meta(event_id)], args))
+        return data["hold"], data["replay"]
+
+    async def confirm(self, event_id: str, hold_id: str, payment_ref: str) -> tuple[dict, bool]:
+        """Confirm a hold. Returns (order, created); created is False for a repeat.
+
+        Raises DomainError: event_not_found, hold_not_found, hold_expired, hold_released.
+        """
+        args = [hold_id, new_id("o"), payment_ref, *self._common()]
+        data = _reply(await self.runner.run("confirm", [keys.meta(event_id)], args))
+        if data["created"] and self.settings.wait_aof:
+            await self._wait_aof()
+        return data["order"], data["created"]
+
+    async def _wait_aof(self) -> None:
+        """WAITAOF 1 0 (Redis >= 7.2, https://redis.io/commands/waitaof/): block until the local AOF is fsynced."""
+        await self.client.execute_command("WAITAOF", 1, 0, self.settings.wait_aof_timeout_ms)
+
+    async def release(self, event_id: str, hold_id: str) -> str:
+        """Release a hold; returns "released" (or "expired" if it had expired). Raises hold_confirmed, hold_not_found."""
+        data = _reply(await self.runner.run("release", [keys.meta(event_id)], [hold_id, *self._common()]))
+        return data["status"]
+
+    async def get_hold(self, event_id: str, hold_id: str) -> dict:
+        """The hold with its current status. Raises event_not_found, hold_not_found."""
+        data = _reply(await self.runner.run("get_hold", [keys.meta(event_id)], [hold_id, *self._common()]))
+        return data["hold"]
+
+    async def availability(self, event_id: str) -> dict:
+        """``{"status", "zones": [{zone_id, kind, capacity, available, held, sold, price_cents}]}``."""
+        return _reply(await self.runner.run("availability", [keys.meta(event_id)], self._common()))
+
+    async def seat_page(self, event_id: str, zone_id: str, status: str, after: str, limit: int) -> dict:
+        """``{"seats": [{seat, status}], "next": label | None}``; examines at most 20 x limit seats per call."""
+        args = [zone_id, status, after, limit, max(limit * 20, 2000), *self._common()]
+        data = _reply(await self.runner.run("seat_page", [keys.meta(event_id)], args))
+        if data["seats"] == {}:  # cjson encodes an empty Lua table as an object
+            data["seats"] = []
+        return data
+
+    async def reap(self, event_id: str) -> int:
+        """Reap expired holds of one event (all of them, in batches). Returns how many."""
+        total = 0
+        while True:
+            n = int(await self.runner.run("reap", [keys.meta(event_id)], self._common()))
+            total += n
+            if n < self.settings.reap_batch:
+                return total
+
+    async def find_order(self, event_id: str, order_id: str) -> dict | None:
+        """An order confirmed in Redis (not necessarily persisted yet), from its hold record; None if unknown."""
+        hold_id = await self.client.get(keys.order(event_id, order_id))
+        if hold_id is None:
+            return None
+        h = await self.get_hold(event_id, hold_id.decode() if isinstance(hold_id, bytes) else hold_id)
+        return {
+            "order_id": order_id, "event_id": event_id, "hold_id": h["hold_id"], "customer_id": h["customer_id"],
+            "items": h["items"], "amount_cents": h["amount_cents"], "payment_ref": h.get("payment_ref"),
+            "confirmed_at_ms": h.get("confirmed_at_ms"),
+        }
+
+    # Catalog -------------------------------------------------------------------------------------
+
+    async def event_exists(self, event_id: str) -> bool:
+        return bool(await self.client.exists(keys.meta(event_id)))
+
+    async def load_event(self, spec: EventSpec, *, status: str = EVENT_ON_SALE, sold: dict[str, int] | None = None,
+                         sold_seats: dict[str, dict[str, str]] | None = None) -> None:
+        """Write an event's catalog into Redis in one MULTI (all keys share a slot): zones, seat maps, meta.
+
+        ``sold`` (zone -> tickets) and ``sold_seats`` (zone -> {seat: order_id}) restore what PostgreSQL
+        says was sold (rebuild). Pipelined in chunks of 10,000 seats: a 100,000-seat event is a few round trips.
+        """
+        sold = sold or {}
+        sold_seats = sold_seats or {}
+        eid = spec.event_id
+        async with self.client.pipeline(transaction=True) as pipe:
+            for z in spec.zones:
+                n_sold = sold.get(z.zone_id, 0)
+                pipe.delete(keys.zone(eid, z.zone_id), keys.seats(eid, z.zone_id), keys.owners(eid, z.zone_id))
+                pipe.hset(keys.zone(eid, z.zone_id), mapping={
+                    "kind": z.kind, "capacity": z.capacity, "available": z.capacity - n_sold, "held": 0,
+                    "sold": n_sold, "price_cents": z.price_cents,
+                })
+                if z.kind == "seated":
+                    for start in range(0, len(z.seats), SEAT_LOAD_CHUNK):
+                        chunk = z.seats[start:start + SEAT_LOAD_CHUNK]
+                        pipe.zadd(keys.seats(eid, z.zone_id), {s: start + i for i, s in enumerate(chunk)})
+                    owners = {s: f"s:{o}" for s, o in sold_seats.get(z.zone_id, {}).items()}
+                    if owners:
+                        pipe.hset(keys.owners(eid, z.zone_id), mapping=owners)
+            pipe.hset(keys.meta(eid), mapping={
+                "event_id": eid, "name": spec.name, "starts_at": spec.starts_at.isoformat(),
+                "hold_ttl_seconds": spec.hold_ttl_seconds,
+                "max_tickets_per_customer": spec.max_tickets_per_customer,
+                "status": status, "zones": orjson.dumps([z.zone_id for z in spec.zones]),
+            })
+            await pipe.execute()
+        await self.client.sadd(keys.EVENTS_KEY, eid)
+
+    async def unload_event(self, event_id: str) -> None:
+        """Delete every key of an event (SCAN over its hash tag)."""
+        async for key in self.client.scan_iter(match=keys.prefix(event_id).replace("{", "\\{").replace("}", "\\}") + "*", count=1000):
+            await self.client.delete(key)
+        await self.client.srem(keys.EVENTS_KEY, event_id)
+
+    async def set_status(self, event_id: str, status: str) -> None:
+        """Pause or resume new holds. Raises event_not_found."""
+        if not await self.event_exists(event_id):
+            raise DomainError("event_not_found")
+        await self.client.hset(keys.meta(event_id), "status", status)
+
+    async def event_ids(self) -> list[str]:
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in await self.client.smembers(keys.EVENTS_KEY))
