@@ -1,0 +1,121 @@
+"""The ASGI application: routes, start-up and shutdown, and the mapping of every failure to the JSON error contract.
+
+Run it with ``boxoffice serve`` (uvicorn, several workers) or ``uvicorn service.app:create_app --factory``.
+Each process owns one Redis connection pool and one PostgreSQL pool, created in the lifespan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Route
+
+from service import api, db
+from service.errors import DomainError
+from service.http import JSON, error_response
+from service.inventory import Inventory
+from service.openapi import openapi
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("boxoffice.app")
+
+ROUTES = [
+    Route("/v1/events", api.create_event, methods=["POST"]),
+    Route("/v1/events/{event_id}", api.get_event, methods=["GET"]),
+    Route("/v1/events/{event_id}/pause", api.pause_event, methods=["POST"]),
+    Route("/v1/events/{event_id}/resume", api.resume_event, methods=["POST"]),
+    Route("/v1/events/{event_id}/availability", api.availability, methods=["GET"]),
+    Route("/v1/events/{event_id}/zones/{zone_id}/seats", api.seats, methods=["GET"]),
+    Route("/v1/events/{event_id}/holds", api.create_hold, methods=["POST"]),
+    Route("/v1/events/{event_id}/holds/{hold_id}", api.get_hold, methods=["GET"]),
+    Route("/v1/events/{event_id}/holds/{hold_id}/confirm", api.confirm_hold, methods=["POST"]),
+    Route("/v1/events/{event_id}/holds/{hold_id}/release", api.release_hold, methods=["POST"]),
+    Route("/v1/events/{event_id}/orders/{order_id}", api.get_order, methods=["GET"]),
+    Route("/healthz", api.healthz, methods=["GET"]),
+    Route("/readyz", api.readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
+
+
+def redis_client(url: str, settings: Settings) -> aioredis.Redis:
+    """One pool per process. A request waits for a free connection (BlockingConnectionPool) rather than
+    opening more; a timed-out or dropped command is retried twice with backoff (safe: scripts are idempotent)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections, timeout=settings.redis_socket_timeout_seconds,
+        socket_timeout=settings.redis_socket_timeout_seconds, socket_connect_timeout=2,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSON:
+    assert isinstance(exc, DomainError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSON:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    if code is None:
+        return JSON({"error": {"code": "http_error", "message": exc.detail, "details": {}}}, status_code=exc.status_code)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(DomainError(code), headers=headers)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSON:
+    settings: Settings = request.app.state.settings
+    log.warning("backing store unavailable on %s %s: %r", request.method, request.url.path, exc)
+    store = "redis" if isinstance(exc, RedisConnectionError | RedisTimeoutError) else "postgres"
+    return error_response(
+        DomainError("unavailable", details={"store": store}),
+        headers={"Retry-After": str(settings.redis_retry_after_seconds)},
+    )
+
+
+async def _internal(request: Request, exc: Exception) -> JSON:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(DomainError("internal_error"))
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app. ``REDIS_URL`` and ``DATABASE_URL`` must be set by then (``boxoffice serve`` chooses them)."""
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not settings.redis_url or not settings.database_url:
+            raise RuntimeError("REDIS_URL and DATABASE_URL must be set (boxoffice serve chooses them for you)")
+        client = redis_client(settings.redis_url, settings)
+        app.state.inventory = Inventory(client, settings)
+        app.state.pg = await db.create_pool(
+            settings.database_url, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max
+        )
+        try:
+            await app.state.inventory.runner.load()
+        except (RedisConnectionError, RedisTimeoutError):
+            log.warning("Redis does not answer at start-up; scripts load on first use")
+        try:
+            yield
+        finally:
+            await app.state.pg.close()
+            await client.aclose()
+
+    unavailable = (RedisConnectionError, RedisTimeoutError, OSError, asyncpg.PostgresConnectionError,
+                   asyncpg.InterfaceError, asyncpg.CannotConnectNowError, TimeoutError)
+    handlers = {DomainError: _domain_error, HTTPException: _http_error, Exception: _internal}
+    handlers.update({cls: _unavailable for cls in unavailable})
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers)
+    app.state.settings = settings
+    return app

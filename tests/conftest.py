@@ -1,0 +1,132 @@
+"""Shared fixtures: real Redis and PostgreSQL (chosen like `make run` does), a fresh database per session.
+
+The servers come from ``service.servers.choose_servers``: REDIS_URL / DATABASE_URL if set, else the local
+defaults if they answer, else embedded ones. Each session migrates its own database and drops it after.
+Every test uses its own event ids, so tests never see each other's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import fakeredis
+import httpx
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from service.app import create_app
+from service.migrate import migrate
+from service.servers import choose_servers
+from service.settings import Settings
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+def _swap_db(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def servers():
+    s = choose_servers(Settings())
+    print("\n" + s.describe())
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(servers) -> str:
+    name = f"boxoffice_test_{os.getpid()}"
+    admin = _swap_db(servers.database_url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = _swap_db(servers.database_url, name)
+    migrate(url)
+    yield url
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def settings(servers, database_url) -> Settings:
+    return Settings(redis_url=servers.redis_url, database_url=database_url, admin_token="test-admin-token")
+
+
+@pytest.fixture(scope="session")
+async def app(settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+async def redis(settings) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(settings.redis_url)
+    yield r
+    await r.aclose()
+
+
+def new_event_id(tag: str = "evt") -> str:
+    return f"{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def event_body(event_id: str | None = None, **overrides) -> dict:
+    body = {
+        "event_id": event_id or new_event_id(),
+        "name": "Eras Tour — Lisbon",
+        "starts_at": (datetime.now(UTC) + timedelta(days=90)).isoformat(),
+        "hold_ttl_seconds": 600,
+        "max_tickets_per_customer": 6,
+        "zones": [
+            {"zone_id": "floor", "kind": "ga", "capacity": 100, "price_cents": 9900},
+            {"zone_id": "sec-101", "kind": "seated", "price_cents": 15900, "rows": {"A": 10, "B": 10}},
+        ],
+    }
+    body.update(overrides)
+    return body
+
+
+@pytest.fixture
+async def make_event(client):
+    async def make(**overrides) -> dict:
+        body = event_body(**overrides)
+        r = await client.post("/v1/events", json=body, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        return body
+
+    return make
+
+
+async def gather_limited(coros, limit: int = 200):
+    sem = asyncio.Semaphore(limit)
+
+    async def run(c):
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(run(c) for c in coros))
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def any_redis(request, settings) -> AsyncIterator[aioredis.Redis]:
+    """The same script tests on fakeredis (Lua via lupa) and on the real server."""
+    if request.param == "fakeredis":
+        r = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(version=(7,)))
+    else:
+        r = aioredis.Redis.from_url(settings.redis_url)
+    yield r
+    await r.aclose()

@@ -1,0 +1,203 @@
+"""The Lua scripts' rules, run through ``Inventory`` on fakeredis and on the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from conftest import new_event_id
+from service import keys
+from service.domain import EventSpec, HoldRequest
+from service.errors import DomainError
+from service.inventory import Inventory
+from service.settings import Settings
+
+
+def spec(event_id: str, ga: int = 10, seats: int = 4, per_customer: int = 100, ttl: int = 600) -> EventSpec:
+    return EventSpec.model_validate({
+        "event_id": event_id, "name": "Test", "starts_at": datetime.now(UTC).isoformat(),
+        "hold_ttl_seconds": ttl, "max_tickets_per_customer": per_customer,
+        "zones": [
+            {"zone_id": "ga", "kind": "ga", "capacity": ga, "price_cents": 1000},
+            {"zone_id": "s", "kind": "seated", "price_cents": 5000, "rows": {"A": seats}},
+        ],
+    })
+
+
+def req(customer="c1", ttl=None, **items) -> HoldRequest:
+    lst = []
+    if "ga" in items:
+        lst.append({"zone_id": "ga", "quantity": items["ga"]})
+    if "seats" in items:
+        lst.append({"zone_id": "s", "seats": items["seats"]})
+    return HoldRequest.model_validate({"customer_id": customer, "items": lst, "ttl_seconds": ttl})
+
+
+@pytest.fixture
+async def inv(any_redis):
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("scr")
+    await inv.load_event(spec(eid))
+    yield inv, eid
+    await inv.unload_event(eid)
+
+
+async def zones(inv: Inventory, eid: str) -> dict[str, dict]:
+    data = await inv.availability(eid)
+    for z in data["zones"]:
+        assert z["available"] + z["held"] + z["sold"] == z["capacity"], z
+        assert min(z["available"], z["held"], z["sold"]) >= 0, z
+    return {z["zone_id"]: z for z in data["zones"]}
+
+
+async def code_of(coro) -> str:
+    with pytest.raises(DomainError) as exc:
+        await coro
+    return exc.value.code
+
+
+async def test_hold_confirm_moves_stock_and_writes_outbox(inv):
+    inv, eid = inv
+    hold, replay = await inv.hold(eid, req(ga=3, seats=["A1", "A2"]))
+    assert not replay and hold["status"] == "active" and hold["tickets"] == 5
+    assert hold["amount_cents"] == 3 * 1000 + 2 * 5000
+    z = await zones(inv, eid)
+    assert (z["ga"]["available"], z["ga"]["held"]) == (7, 3)
+    assert (z["s"]["available"], z["s"]["held"]) == (2, 2)
+    order, created = await inv.confirm(eid, hold["hold_id"], "pi_1")
+    assert created and order["hold_id"] == hold["hold_id"]
+    z = await zones(inv, eid)
+    assert (z["ga"]["held"], z["ga"]["sold"], z["s"]["sold"]) == (0, 3, 2)
+    entries = await inv.client.xrange(keys.outbox(eid))
+    assert len(entries) == 1
+    assert orjson.loads(entries[0][1][b"order"])["order_id"] == order["order_id"]
+    # a repeat confirm returns the same order and appends nothing
+    again, created = await inv.confirm(eid, hold["hold_id"], "pi_other")
+    assert not created and again["order_id"] == order["order_id"]
+    assert len(await inv.client.xrange(keys.outbox(eid))) == 1
+    assert await code_of(inv.release(eid, hold["hold_id"])) == "hold_confirmed"
+
+
+async def test_all_or_nothing(inv):
+    inv, eid = inv
+    await inv.hold(eid, req(customer="a", seats=["A3"]))
+    # GA part would fit, seat A3 is taken: nothing is held
+    assert await code_of(inv.hold(eid, req(customer="b", ga=2, seats=["A3", "A4"]))) == "seats_unavailable"
+    z = await zones(inv, eid)
+    assert z["ga"]["available"] == 10 and z["s"]["held"] == 1
+    assert await code_of(inv.hold(eid, req(customer="b", ga=11))) == "sold_out"
+    assert await code_of(inv.hold(eid, req(customer="b", seats=["Z9"]))) == "validation_failed"
+
+
+async def test_release_is_idempotent_and_gives_stock_back(inv):
+    inv, eid = inv
+    hold, _ = await inv.hold(eid, req(ga=4, seats=["A1"]))
+    assert await inv.release(eid, hold["hold_id"]) == "released"
+    assert await inv.release(eid, hold["hold_id"]) == "released"
+    z = await zones(inv, eid)
+    assert z["ga"]["available"] == 10 and z["s"]["available"] == 4
+    assert await code_of(inv.confirm(eid, hold["hold_id"], "pi")) == "hold_released"
+    # the seat can be held again
+    await inv.hold(eid, req(customer="c2", seats=["A1"]))
+
+
+async def test_expiry_reaps_and_reopens_sold_out_zone(inv):
+    inv, eid = inv
+    hold, _ = await inv.hold(eid, req(ga=10, seats=["A1"], ttl=1))
+    assert await code_of(inv.hold(eid, req(customer="c2", ga=1))) == "sold_out"
+    await asyncio.sleep(1.1)
+    again, _ = await inv.hold(eid, req(customer="c2", ga=10))  # the very next request sees the stock
+    assert again["tickets"] == 10
+    assert (await inv.get_hold(eid, hold["hold_id"]))["status"] == "expired"
+    assert await code_of(inv.confirm(eid, hold["hold_id"], "pi")) == "hold_expired"
+    assert await inv.client.zscore(keys.expiry(eid), hold["hold_id"]) is None
+
+
+async def test_confirm_after_expiry_before_reap_is_refused(inv):
+    inv, eid = inv
+    hold, _ = await inv.hold(eid, req(seats=["A2"], ttl=1))
+    await asyncio.sleep(1.05)
+    assert await code_of(inv.confirm(eid, hold["hold_id"], "pi")) == "hold_expired"
+    z = await zones(inv, eid)
+    assert z["s"]["available"] == 4 and z["s"]["sold"] == 0
+
+
+async def test_same_hold_id_twice_is_one_hold(inv, monkeypatch):
+    """redis-py may resend a script after a timeout: the second run must change nothing."""
+    inv, eid = inv
+    monkeypatch.setattr("service.inventory.new_id", lambda kind: f"{kind}_fixed")
+    first, _ = await inv.hold(eid, req(ga=2))
+    second, replay = await inv.hold(eid, req(ga=2))
+    assert second["hold_id"] == first["hold_id"] and not replay
+    assert (await zones(inv, eid))["ga"]["held"] == 2
+
+
+async def test_idempotency_key(inv):
+    inv, eid = inv
+    first, replay = await inv.hold(eid, req(ga=1), "key-1")
+    again, replay = await inv.hold(eid, req(ga=1), "key-1")
+    assert replay and again["hold_id"] == first["hold_id"]
+    assert await code_of(inv.hold(eid, req(ga=2), "key-1")) == "idempotency_conflict"
+    assert (await zones(inv, eid))["ga"]["held"] == 1
+
+
+async def test_customer_limit_counts_holds_and_orders(any_redis):
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("lim")
+    await inv.load_event(spec(eid, per_customer=4))
+    h1, _ = await inv.hold(eid, req(ga=2))
+    await inv.confirm(eid, h1["hold_id"], "pi")
+    h2, _ = await inv.hold(eid, req(seats=["A1"]))
+    assert await code_of(inv.hold(eid, req(ga=2))) == "limit_exceeded"
+    await inv.release(eid, h2["hold_id"])
+    await inv.hold(eid, req(ga=2))  # released tickets no longer count
+    assert await code_of(inv.hold(eid, req(ga=1))) == "limit_exceeded"
+    await inv.hold(eid, req(customer="other", ga=1))
+    await inv.unload_event(eid)
+
+
+async def test_paused_refuses_holds_but_confirms(inv):
+    inv, eid = inv
+    hold, _ = await inv.hold(eid, req(ga=1))
+    await inv.set_status(eid, "paused")
+    assert await code_of(inv.hold(eid, req(customer="x", ga=1))) == "sale_paused"
+    _, created = await inv.confirm(eid, hold["hold_id"], "pi")
+    assert created
+    await inv.set_status(eid, "on_sale")
+    await inv.hold(eid, req(customer="x", ga=1))
+
+
+async def test_ttl_limits_and_unknown_event(inv):
+    inv, eid = inv
+    # event hold_ttl is 600 s
+    assert await code_of(inv.hold(eid, req(ga=1, ttl=601))) == "validation_failed"
+    assert await code_of(inv.hold("no-such-event", req(ga=1))) == "event_not_found"
+    assert await code_of(inv.confirm(eid, "h_nope", "pi")) == "hold_not_found"
+    assert await code_of(inv.release(eid, "h_nope")) == "hold_not_found"
+
+
+async def test_seat_page(inv):
+    inv, eid = inv
+    await inv.hold(eid, req(seats=["A2"]))
+    h, _ = await inv.hold(eid, req(customer="c2", seats=["A3"]))
+    await inv.confirm(eid, h["hold_id"], "pi")
+    page = await inv.seat_page(eid, "s", "", "", 2)
+    assert page == {"seats": [{"seat": "A1", "status": "available"}, {"seat": "A2", "status": "held"}], "next": "A2"}
+    page = await inv.seat_page(eid, "s", "", "A2", 10)
+    assert page == {"seats": [{"seat": "A3", "status": "sold"}, {"seat": "A4", "status": "available"}], "next": None}
+    page = await inv.seat_page(eid, "s", "available", "", 10)
+    assert [s["seat"] for s in page["seats"]] == ["A1", "A4"]
+    assert (await inv.seat_page(eid, "s", "held", "A2", 10))["seats"] == []
+
+
+async def test_sweeper_reap(inv):
+    inv, eid = inv
+    for i in range(5):
+        await inv.hold(eid, req(customer=f"c{i}", ga=1, ttl=1))
+    await asyncio.sleep(1.05)
+    assert await inv.reap(eid) == 5
+    raw = await inv.client.hgetall(keys.zone(eid, "ga"))
+    assert int(raw[b"available"]) == 10 and int(raw[b"held"]) == 0
