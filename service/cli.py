@@ -1,0 +1,215 @@
+"""The ``boxoffice`` command (Typer). Every command has ``--help``.
+
+Commands that need servers resolve them like ``make run`` does (``service.servers.choose_servers``):
+REDIS_URL / DATABASE_URL if set, else local defaults if they answer, else embedded servers. The chosen
+URLs are exported to the environment so child processes (uvicorn workers) use the same ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from service.settings import Settings, get_settings
+
+app = typer.Typer(help="boxoffice: flash-sale ticketing (Redis holds, PostgreSQL orders).", no_args_is_help=True)
+event_app = typer.Typer(help="Create and inspect events.", no_args_is_help=True)
+app.add_typer(event_app, name="event")
+
+_started = []  # Servers objects this process started (stopped at exit by servers' atexit hooks)
+
+
+def resolve_settings(*, quiet: bool = False) -> Settings:
+    """Settings with both URLs filled in (choosing or starting servers if needed) and exported to os.environ."""
+    settings = get_settings()
+    if settings.redis_url and settings.database_url and not settings.embedded:
+        return settings
+    from service.servers import choose_servers
+
+    servers = choose_servers(settings)
+    _started.append(servers)
+    if not quiet:
+        typer.echo(servers.describe(), err=True)
+    os.environ["REDIS_URL"] = servers.redis_url
+    os.environ["DATABASE_URL"] = servers.database_url
+    os.environ.pop("BOXOFFICE_EMBEDDED", None)  # children use the URLs chosen here
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def _exit(code: int) -> None:
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    workers: int = typer.Option(None, help="uvicorn worker processes (default BOXOFFICE_WEB_WORKERS)."),
+    host: str = typer.Option(None, help="Address to bind (default BOXOFFICE_HOST)."),
+    port: int = typer.Option(None, help="Port (default BOXOFFICE_PORT)."),
+    migrate_first: bool = typer.Option(True, "--migrate/--no-migrate", help="Apply pending migrations first."),
+) -> None:
+    """Serve the JSON API with uvicorn (several worker processes, one Redis pool each)."""
+    import tempfile
+
+    import uvicorn
+
+    from service.migrate import migrate
+
+    settings = resolve_settings()
+    if migrate_first:
+        migrate(settings.database_url)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="boxoffice-metrics-")
+    uvicorn.run(
+        "service.app:create_app", factory=True, host=host or settings.host, port=port or settings.port,
+        workers=workers or settings.web_workers, log_level=settings.log_level.lower(), access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Run an arq worker: outbox write-through to PostgreSQL, the expiry sweeper, and the reconcile cron job."""
+    from workers.main import run_worker
+
+    run_worker(resolve_settings())
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending SQL migrations from migrations/ (recorded by yoyo in _yoyo_migration)."""
+    from service.migrate import migrate as apply
+
+    applied = apply(resolve_settings().database_url)
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+
+
+@app.command()
+def dev() -> None:
+    """What `make run` runs: serve the API and a worker, with a demo event on sale. Ctrl-C stops everything."""
+    from service.devrun import run_cli
+
+    _exit(run_cli(resolve_settings()))
+
+
+@app.command()
+def reconcile(
+    event: str = typer.Option(None, "--event", help="Only this event (default: every event)."),
+    repair: bool = typer.Option(False, "--repair", help="Fix what is safe to fix (pauses the event meanwhile)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Compare Redis with PostgreSQL; exit 1 if anything drifts."""
+    from workers.reconcile import run_cli
+
+    _exit(run_cli(resolve_settings(quiet=as_json), event_id=event, repair=repair, as_json=as_json))
+
+
+@app.command()
+def rebuild(
+    event: str = typer.Option(None, "--event", help="Only this event (default: every event in PostgreSQL)."),
+    resume: bool = typer.Option(False, "--resume", help="Put the event back on sale when done."),
+) -> None:
+    """Reload events, zones, seats and sold counts from PostgreSQL into Redis (after Redis lost data)."""
+    from service.rebuild import run_cli
+
+    _exit(run_cli(resolve_settings(), event_id=event, resume=resume))
+
+
+@app.command()
+def audit(
+    event: str = typer.Option(..., "--event", help="The event to audit."),
+    acks: Path = typer.Option(None, "--acks", help="JSON lines of the 201 confirms a load run received."),
+    drain_timeout: float = typer.Option(30.0, help="Seconds to wait for the write-through to drain."),
+) -> None:
+    """Check a sale: no oversell, no seat sold twice, Redis agrees with PostgreSQL, every ack persisted once."""
+    from loadtests.audit import run_cli
+
+    _exit(run_cli(resolve_settings(), event_id=event, acks_file=acks, drain_timeout_seconds=drain_timeout))
+
+
+@app.command()
+def bench() -> None:
+    """Run the bounded loopback benchmark and print the report (see loadtests/RESULTS.md)."""
+    from loadtests.bench import run_cli
+
+    _exit(run_cli(resolve_settings()))
+
+
+def _event_call(coro_fn, *args):
+    from service import db
+    from service.app import redis_client
+    from service.inventory import Inventory
+
+    settings = resolve_settings(quiet=True)
+
+    async def go():
+        client = redis_client(settings.redis_url, settings)
+        pool = await db.create_pool(settings.database_url)
+        try:
+            return await coro_fn(pool, Inventory(client, settings), *args)
+        finally:
+            await pool.close()
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+@event_app.command("create")
+def event_create(file: Path = typer.Argument(..., exists=True, help="Event JSON, as POST /v1/events takes.")) -> None:
+    """Create an event (PostgreSQL and Redis) from a JSON file."""
+    import orjson
+
+    from service import catalog
+    from service.domain import EventSpec
+    from service.errors import DomainError
+    from service.http import validate
+
+    try:
+        spec = validate(EventSpec, orjson.loads(file.read_bytes()))
+        _event_call(catalog.create_event, spec)
+    except DomainError as err:
+        typer.echo(orjson.dumps(err.body(), option=orjson.OPT_INDENT_2).decode(), err=True)
+        _exit(1)
+    typer.echo(f"created {spec.event_id}")
+
+
+@event_app.command("show")
+def event_show(event_id: str) -> None:
+    """Print an event and its live availability as JSON."""
+    import orjson
+
+    from service import api, db
+
+    async def show(pool, inventory, eid):
+        spec, status = await db.get_event(pool, eid)
+        view = api.event_view(spec, status)
+        view["availability"] = (await inventory.availability(eid))["zones"]
+        return view
+
+    typer.echo(orjson.dumps(_event_call(show, event_id), option=orjson.OPT_INDENT_2).decode())
+
+
+@event_app.command("pause")
+def event_pause(event_id: str) -> None:
+    """Refuse new holds (holds already given can still be confirmed)."""
+    from service import catalog
+
+    _event_call(catalog.set_status, event_id, "paused")
+    typer.echo(f"{event_id}: paused")
+
+
+@event_app.command("resume")
+def event_resume(event_id: str) -> None:
+    """Put the event back on sale."""
+    from service import catalog
+
+    _event_call(catalog.set_status, event_id, "on_sale")
+    typer.echo(f"{event_id}: on_sale")
+
+
+if __name__ == "__main__":
+    sys.exit(app())
