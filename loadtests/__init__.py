@@ -1,0 +1,1 @@
+"""Locust scenarios, the oversell audit and the benchmark."""

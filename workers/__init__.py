@@ -1,0 +1,1 @@
+"""arq workers: outbox write-through to PostgreSQL, the expiry sweeper, reconciliation."""
