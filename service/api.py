@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 
-from service import catalog, db
+from service import catalog, db, metrics
 from service.domain import (
     EVENT_ON_SALE,
     EVENT_PAUSED,
@@ -126,6 +127,8 @@ async def create_hold(request: Request) -> JSON:
     key = check_idempotency_key(request.headers.get("idempotency-key"))
     req = await read_json(request, HoldRequest)
     hold, replay = await request.app.state.inventory.hold(event_id, req, key)
+    if not replay:
+        metrics.HOLDS.labels(event_id).inc()
     return JSON(hold_view(event_id, hold), status_code=200 if replay else 201)
 
 
@@ -140,12 +143,15 @@ async def confirm_hold(request: Request) -> JSON:
     hold_id = _hold_id(request)
     req = await read_json(request, ConfirmRequest)
     order, created = await request.app.state.inventory.confirm(event_id, hold_id, req.payment_ref)
+    if created:
+        metrics.CONFIRMS.labels(event_id).inc()
     return JSON(order_view(order), status_code=201 if created else 200)
 
 
 async def release_hold(request: Request) -> JSON:
     event_id = _event_id(request)
     status = await request.app.state.inventory.release(event_id, _hold_id(request))
+    metrics.RELEASES.labels(event_id).inc()
     return JSON({"hold_id": request.path_params["hold_id"], "status": status})
 
 
@@ -161,6 +167,12 @@ async def get_order(request: Request) -> JSON:
     if order is None:
         raise DomainError("order_not_found")
     return JSON(order_view(order, persisted=False))
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text exposition, merged across processes in multiprocess mode."""
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
 
 
 # Health ------------------------------------------------------------------------------------------

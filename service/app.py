@@ -18,13 +18,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import Route
 
-from service import api, db
+from service import api, db, metrics
 from service.errors import DomainError
 from service.http import JSON, error_response
 from service.inventory import Inventory
+from service.logs import configure_logging
+from service.middleware import RequestContext
 from service.openapi import openapi
 from service.settings import Settings, get_settings
 
@@ -45,6 +48,7 @@ ROUTES = [
     Route("/healthz", api.healthz, methods=["GET"]),
     Route("/readyz", api.readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/metrics", api.metrics_endpoint, methods=["GET"]),
 ]
 
 
@@ -62,6 +66,7 @@ def redis_client(url: str, settings: Settings) -> aioredis.Redis:
 
 async def _domain_error(request: Request, exc: Exception) -> JSON:
     assert isinstance(exc, DomainError)
+    metrics.REJECTIONS.labels(exc.code).inc()
     return error_response(exc)
 
 
@@ -92,6 +97,7 @@ async def _internal(request: Request, exc: Exception) -> JSON:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app. ``REDIS_URL`` and ``DATABASE_URL`` must be set by then (``boxoffice serve`` chooses them)."""
     settings = settings or get_settings()
+    configure_logging(settings.log_level)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -116,6 +122,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
                    asyncpg.InterfaceError, asyncpg.CannotConnectNowError, TimeoutError)
     handlers = {DomainError: _domain_error, HTTPException: _http_error, Exception: _internal}
     handlers.update({cls: _unavailable for cls in unavailable})
-    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers)
+    templates = {route.endpoint: route.path for route in ROUTES}
+    app = Starlette(
+        routes=ROUTES, lifespan=lifespan, exception_handlers=handlers,
+        middleware=[Middleware(RequestContext, templates=templates)],
+    )
     app.state.settings = settings
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -45,8 +46,8 @@ def normalize_seat(label: str) -> str:
 
 def _normalize_unique(labels: list[str]) -> list[str]:
     seats = [normalize_seat(s) for s in labels]
-    dupes = sorted({s for s in seats if seats.count(s) > 1}) if len(set(seats)) != len(seats) else []
-    if dupes:
+    if len(set(seats)) != len(seats):
+        dupes = sorted(s for s, n in Counter(seats).items() if n > 1)
         raise ValueError(f"duplicate seats after normalising: {', '.join(dupes[:20])}")
     return seats
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-
 from conftest import new_event_id
+
 from service import keys
 from service.domain import EventSpec, HoldRequest
 from service.errors import DomainError
