@@ -64,6 +64,18 @@ def redis_client(url: str, settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+async def _check_wait_aof(client: aioredis.Redis, settings: Settings) -> None:
+    """WAITAOF exists from Redis 7.2 (https://redis.io/commands/waitaof/); on older servers the opt-in is
+    switched off with a warning rather than failing every confirm."""
+    if not settings.wait_aof:
+        return
+    version = (await client.info("server"))["redis_version"]
+    if tuple(int(p) for p in version.split(".")[:2]) < (7, 2):
+        log.warning("BOXOFFICE_WAIT_AOF needs Redis >= 7.2, this server is %s: confirms will not wait for fsync",
+                    version)
+        settings.wait_aof = False
+
+
 async def _domain_error(request: Request, exc: Exception) -> JSON:
     assert isinstance(exc, DomainError)
     metrics.REJECTIONS.labels(exc.code).inc()
@@ -110,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
         try:
             await app.state.inventory.runner.load()
+            await _check_wait_aof(client, settings)
         except (RedisConnectionError, RedisTimeoutError):
             log.warning("Redis does not answer at start-up; scripts load on first use")
         try:

@@ -238,3 +238,14 @@ async def test_redis_down_is_503_with_retry_after(dead_redis_app, make_event):
         assert e["details"] == {"store": "redis"} and r.headers["retry-after"] == "1"
         r = await c.get("/readyz")
         assert r.status_code == 503
+
+
+async def test_wait_aof_is_switched_off_on_servers_without_it(settings, redis):
+    """The opt-in must not break confirms where WAITAOF does not exist (Redis < 7.2, e.g. the embedded 6.2)."""
+    from service.app import create_app
+
+    version = (await redis.info("server"))["redis_version"]
+    app = create_app(settings.model_copy(update={"wait_aof": True}))
+    async with app.router.lifespan_context(app):
+        expect = tuple(int(p) for p in version.split(".")[:2]) >= (7, 2)
+        assert app.state.settings.wait_aof is expect
