@@ -6,7 +6,7 @@ JSON reply into a dict or a ``DomainError``. Times are epoch milliseconds of Red
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any
 
 import orjson
@@ -29,8 +29,8 @@ _VALIDATION = {
 
 
 def new_id(kind: str) -> str:
-    """``h_``/``o_`` + 32 hex digits (uuid4): unguessable, so a hold id is a bearer capability."""
-    return f"{kind}_{uuid.uuid4().hex}"
+    """``h_``/``o_`` + 32 hex digits of os.urandom: unguessable, so a hold id is a bearer capability."""
+    return f"{kind}_{os.urandom(16).hex()}"
 
 
 def _reply(raw: bytes | str) -> dict[str, Any]:
@@ -71,7 +71,8 @@ class Inventory:
         """
         items = orjson.dumps([i.as_script_item() for i in req.items])
         args = [
-            new_id("h"), req.customer_id, req.ttl_seconds or 0, items, idempotency_key, req.body_sha256(),
+            new_id("h"), req.customer_id, req.ttl_seconds or 0, items, idempotency_key,
+            req.body_sha256() if idempotency_key else "",
             self.settings.idempotency_ttl_seconds, *self._common(),
         ]
         data = _reply(await self.runner.run("hold", [keys.meta(event_id)], args))
