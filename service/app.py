@@ -54,7 +54,16 @@ ROUTES = [
 
 def redis_client(url: str, settings: Settings) -> aioredis.Redis:
     """One pool per process. A request waits for a free connection (BlockingConnectionPool) rather than
-    opening more; a timed-out or dropped command is retried twice with backoff (safe: scripts are idempotent)."""
+    opening more; a timed-out or dropped command is retried twice with backoff (safe: scripts are idempotent).
+    With ``redis_cluster`` it is redis-py's RedisCluster (one pool per node), which routes each script by
+    its first key's hash tag."""
+    if settings.redis_cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(
+            url, max_connections=settings.redis_max_connections, socket_timeout=settings.redis_socket_timeout_seconds,
+            socket_connect_timeout=2, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=settings.redis_max_connections, timeout=settings.redis_socket_timeout_seconds,
         socket_timeout=settings.redis_socket_timeout_seconds, socket_connect_timeout=2,

@@ -143,7 +143,9 @@ class Inventory:
 
     async def load_event(self, spec: EventSpec, *, status: str = EVENT_ON_SALE, sold: dict[str, int] | None = None,
                          sold_seats: dict[str, dict[str, str]] | None = None) -> None:
-        """Write an event's catalog into Redis in one MULTI (all keys share a slot): zones, seat maps, meta.
+        """Write an event's catalog into Redis: zones, seat maps, then meta. One MULTI on a single server (all keys
+        share a slot); on Redis Cluster, whose redis-py pipeline has no MULTI, a plain pipeline in the same order:
+        every script checks meta first, so an event is invisible until its last write lands.
 
         ``sold`` (zone -> tickets) and ``sold_seats`` (zone -> {seat: order_id}) restore what PostgreSQL
         says was sold (rebuild). Pipelined in chunks of 10,000 seats: a 100,000-seat event is a few round trips.
@@ -151,7 +153,8 @@ class Inventory:
         sold = sold or {}
         sold_seats = sold_seats or {}
         eid = spec.event_id
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with self.client.pipeline(transaction=not self.settings.redis_cluster) as pipe:
+            pipe.delete(keys.meta(eid))
             for z in spec.zones:
                 n_sold = sold.get(z.zone_id, 0)
                 pipe.delete(keys.zone(eid, z.zone_id), keys.seats(eid, z.zone_id), keys.owners(eid, z.zone_id))

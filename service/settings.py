@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = 65536
 
     # Redis client
+    redis_cluster: bool = False
+    """REDIS_URL names a Redis Cluster node: use redis-py's cluster client (each script touches one slot)."""
     redis_max_connections: int = 64
     """Connection pool size per process (one pool per process, shared by all requests)."""
     redis_socket_timeout_seconds: float = 5.0
