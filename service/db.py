@@ -94,6 +94,15 @@ async def sold_seats(pool: asyncpg.Pool, event_id: str) -> dict[str, dict[str, s
     return out
 
 
+async def tickets_by_customer(pool: asyncpg.Pool, event_id: str) -> dict[str, int]:
+    """customer_id -> tickets in persisted orders (what max_tickets_per_customer counts besides active holds)."""
+    rows = await pool.fetch(
+        "SELECT o.customer_id, sum(i.quantity)::int AS tickets FROM orders o JOIN order_items i USING (order_id)"
+        " WHERE o.event_id = $1 GROUP BY o.customer_id", event_id,
+    )
+    return {r["customer_id"]: r["tickets"] for r in rows}
+
+
 def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 

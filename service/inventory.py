@@ -142,13 +142,14 @@ class Inventory:
         return bool(await self.client.exists(keys.meta(event_id)))
 
     async def load_event(self, spec: EventSpec, *, status: str = EVENT_ON_SALE, sold: dict[str, int] | None = None,
-                         sold_seats: dict[str, dict[str, str]] | None = None) -> None:
+                         sold_seats: dict[str, dict[str, str]] | None = None,
+                         customers: dict[str, int] | None = None) -> None:
         """Write an event's catalog into Redis: zones, seat maps, then meta. One MULTI on a single server (all keys
         share a slot); on Redis Cluster, whose redis-py pipeline has no MULTI, a plain pipeline in the same order:
         every script checks meta first, so an event is invisible until its last write lands.
 
-        ``sold`` (zone -> tickets) and ``sold_seats`` (zone -> {seat: order_id}) restore what PostgreSQL
-        says was sold (rebuild). Pipelined in chunks of 10,000 seats: a 100,000-seat event is a few round trips.
+        ``sold`` (zone -> tickets), ``sold_seats`` (zone -> {seat: order_id}) and ``customers`` (customer ->
+        tickets bought) restore what PostgreSQL says was sold (rebuild). Pipelined in chunks of 10,000 seats: a 100,000-seat event is a few round trips.
         """
         sold = sold or {}
         sold_seats = sold_seats or {}
@@ -169,6 +170,9 @@ class Inventory:
                     owners = {s: f"s:{o}" for s, o in sold_seats.get(z.zone_id, {}).items()}
                     if owners:
                         pipe.hset(keys.owners(eid, z.zone_id), mapping=owners)
+            pipe.delete(keys.customers(eid))
+            if customers:
+                pipe.hset(keys.customers(eid), mapping=customers)
             pipe.hset(keys.meta(eid), mapping={
                 "event_id": eid, "name": spec.name, "starts_at": spec.starts_at.isoformat(),
                 "hold_ttl_seconds": spec.hold_ttl_seconds,
