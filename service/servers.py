@@ -343,7 +343,7 @@ class _Child:
             process = subprocess.Popen(
                 args, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 user=uid, group=gid, extra_groups=[] if user is not None else None,
-                start_new_session=True, pass_fds=pass_fds, preexec_fn=_die_with_parent(stop_signal),
+                start_new_session=True, pass_fds=pass_fds, preexec_fn=die_with_parent(stop_signal),
             )  # fmt: skip
         child = cls(name, process, stop_signal, log_path)
         atexit.register(child.stop)
@@ -382,7 +382,7 @@ class _Child:
             return f"(no log: {exc})"
 
 
-def _die_with_parent(sig: int) -> Callable[[], None] | None:
+def die_with_parent(sig: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` making Linux send ``sig`` to the child when we die, or None where that cannot work.
 
     ``PR_SET_PDEATHSIG`` fires when the *thread* that forked exits, so it is only used from the main thread.
