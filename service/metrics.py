@@ -28,11 +28,11 @@ CONFIRMS = Counter("boxoffice_confirms_total", "Holds confirmed into orders.", [
 RELEASES = Counter("boxoffice_releases_total", "Holds released by their customer.", ["event_id"])
 EXPIRIES = Counter("boxoffice_expiries_total", "Holds reaped by the sweeper after their TTL.", ["event_id"])
 REJECTIONS = Counter("boxoffice_rejections_total", "Requests refused, by error code.", ["code"])
-ACTIVE_HOLDS = Gauge("boxoffice_active_holds", "Active holds per event.", ["event_id"], multiprocess_mode="max")
+ACTIVE_HOLDS = Gauge("boxoffice_active_holds", "Active holds per event.", ["event_id"], multiprocess_mode="mostrecent")
 OUTBOX_LENGTH = Gauge("boxoffice_outbox_length", "Entries in the event's outbox stream.", ["event_id"],
-                      multiprocess_mode="max")
+                      multiprocess_mode="mostrecent")
 OUTBOX_PENDING = Gauge("boxoffice_outbox_pending", "Outbox entries delivered but not acked.", ["event_id"],
-                       multiprocess_mode="max")
+                       multiprocess_mode="mostrecent")
 PERSISTED = Counter("boxoffice_orders_persisted_total", "Orders written through to PostgreSQL.", ["event_id"])
 WRITE_LAG_SECONDS = Histogram(
     "boxoffice_write_through_lag_seconds", "Time from confirm (Redis TIME) to the PostgreSQL commit.",
@@ -40,7 +40,7 @@ WRITE_LAG_SECONDS = Histogram(
 )
 DEAD_LETTERS = Counter("boxoffice_dead_letters_total", "Outbox entries PostgreSQL refused (backstop).", ["event_id"])
 DRIFT = Gauge("boxoffice_reconcile_drift", "Drift found by the last reconciliation, by kind.",
-              ["event_id", "kind"], multiprocess_mode="max")
+              ["event_id", "kind"], multiprocess_mode="mostrecent")
 
 
 def render() -> tuple[bytes, str]:
