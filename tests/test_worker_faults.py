@@ -1,0 +1,342 @@
+"""The worker as a process (``python -m service.cli worker``) under faults: SIGKILL mid-batch, PostgreSQL
+unreachable, two workers at once. After each, every confirmed order is in PostgreSQL exactly once and
+``zones.sold`` equals what Redis sold.
+
+The workers use a throw-away redis-server (see tests/test_outbox.py for why) and the session's database.
+PostgreSQL outages are made with a small TCP proxy in this process that we close and reopen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from conftest import event_body, gather_limited
+
+from service import catalog, db, keys
+from service.app import redis_client
+from service.domain import EventSpec, HoldRequest
+from service.inventory import Inventory
+from workers.outbox import GROUP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def private_redis_url():
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.02)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def wsettings(settings, private_redis_url):
+    return settings.model_copy(update={"redis_url": private_redis_url})
+
+
+@pytest.fixture(scope="module")
+async def inventory(wsettings):
+    client = redis_client(wsettings.redis_url, wsettings)
+    yield Inventory(client, wsettings)
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def pg(wsettings):
+    pool = await db.create_pool(wsettings.database_url)
+    yield pool
+    await pool.close()
+
+
+class Worker:
+    """``python -m service.cli worker`` in a subprocess, its output in a temporary file."""
+
+    def __init__(self, redis_url: str, database_url: str, **env: str):
+        self.log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", delete=False)
+        child_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        child_env.update(
+            REDIS_URL=redis_url,
+            DATABASE_URL=database_url,
+            BOXOFFICE_OUTBOX_CLAIM_IDLE_MS="1000",
+            BOXOFFICE_OUTBOX_BACKOFF_MAX_SECONDS="0.5",
+            BOXOFFICE_LOG_LEVEL="INFO",
+            **env,
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            cwd=ROOT,
+            env=child_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    async def wait_exit(self, timeout_seconds: float) -> int | None:
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout_seconds)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def workers(wsettings):
+    started: list[Worker] = []
+
+    def start(database_url: str | None = None, **env: str) -> Worker:
+        w = Worker(wsettings.redis_url, database_url or wsettings.database_url, **env)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+        os.unlink(w.log.name)
+
+
+class TcpProxy:
+    """Forwards a loopback port to PostgreSQL; ``stop()`` refuses new connections and cuts the open ones."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in list(self.writers):
+            w.transport.abort()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+
+async def new_event(pg, inventory, **overrides) -> str:
+    spec = EventSpec(**event_body(**overrides))
+    await catalog.create_event(pg, inventory, spec)
+    return spec.event_id
+
+
+async def buy_many(
+    inventory, event_id: str, n: int, tag: str, seated_every: int = 0, first_seat: int = 0
+) -> list[dict]:
+    """n orders of one ticket each, concurrently; every ``seated_every``-th one is seat ``S<k>`` of zone
+    "hall" (k = first_seat, first_seat + 1, ...) instead of a general-admission ticket."""
+
+    async def buy(i: int) -> dict:
+        seated = seated_every and i % seated_every == 0
+        item = (
+            {"zone_id": "hall", "seats": [f"S{first_seat + i // seated_every}"]}
+            if seated
+            else {"zone_id": "floor", "quantity": 1}
+        )
+        hold, _ = await inventory.hold(event_id, HoldRequest(customer_id=f"{tag}-{i}", items=[item]))
+        order, created = await inventory.confirm(event_id, hold["hold_id"], f"pay-{tag}-{i}")
+        assert created
+        return order
+
+    return await gather_limited([buy(i) for i in range(n)], 100)
+
+
+def big_event(n_seats: int = 0) -> dict:
+    zones = [{"zone_id": "floor", "kind": "ga", "capacity": 100_000, "price_cents": 5000}]
+    if n_seats:
+        zones.append(
+            {
+                "zone_id": "hall",
+                "kind": "seated",
+                "price_cents": 9000,
+                "seats": [f"S{i}" for i in range(n_seats)],
+            }
+        )
+    return {"zones": zones}
+
+
+async def orders_in_pg(pg, event_id: str) -> int:
+    return await pg.fetchval("SELECT count(*) FROM orders WHERE event_id = $1", event_id)
+
+
+async def wait_until(predicate, timeout_seconds: float, what: str, worker_list=()) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not await predicate():
+        if time.monotonic() > deadline:
+            logs = "\n".join(w.output()[-3000:] for w in worker_list)
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        await asyncio.sleep(0.02)
+
+
+async def assert_exactly_once(pg, inventory, event_id: str, orders: list[dict]) -> None:
+    """Every order in PostgreSQL once with its items; zones.sold = the items = what Redis sold; no dead letter."""
+    rows = await pg.fetch("SELECT order_id FROM orders WHERE event_id = $1", event_id)
+    assert sorted(r["order_id"] for r in rows) == sorted(o["order_id"] for o in orders)
+    items = {
+        r["zone_id"]: r["n"]
+        for r in await pg.fetch(
+            "SELECT zone_id, sum(quantity)::int AS n FROM order_items WHERE event_id = $1 GROUP BY zone_id",
+            event_id,
+        )
+    }
+    sold = {
+        r["zone_id"]: r["sold"]
+        for r in await pg.fetch("SELECT zone_id, sold FROM zones WHERE event_id = $1 AND sold > 0", event_id)
+    }
+    redis_sold = {
+        z["zone_id"]: z["sold"] for z in (await inventory.availability(event_id))["zones"] if z["sold"]
+    }
+    assert items == sold == redis_sold
+    assert sum(sold.values()) == len(orders)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", event_id) == 0
+    stream = keys.outbox(event_id)
+    assert await inventory.client.xlen(stream) == 0
+    assert (await inventory.client.xpending(stream, GROUP))["pending"] == 0
+
+
+async def drained(pg, inventory, event_id: str, n: int) -> bool:
+    stream = keys.outbox(event_id)
+    return (
+        await orders_in_pg(pg, event_id) == n
+        and await inventory.client.xlen(stream) == 0
+        and (await inventory.client.xpending(stream, GROUP))["pending"] == 0
+    )
+
+
+async def test_sigkill_mid_batch_then_restart_writes_every_order_once(pg, inventory, workers):
+    eid = await new_event(pg, inventory, **big_event(n_seats=500))
+    orders = await buy_many(inventory, eid, 4000, "k", seated_every=8)
+    stream = keys.outbox(eid)
+    # A worker that died long ago holding 100 entries read but never acked.
+    await inventory.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    await inventory.client.xreadgroup(GROUP, "long-gone", {stream: ">"}, count=100)
+
+    first = workers(BOXOFFICE_OUTBOX_BATCH_SIZE="50")
+    await wait_until(lambda: _at_least(pg, eid, 400), 30, "the first worker to write some orders", [first])
+    first.kill()  # SIGKILL: no shutdown hook runs
+    written_before_kill = await orders_in_pg(pg, eid)
+    assert written_before_kill < len(orders), "the worker finished before it was killed"
+    print(
+        f"killed after {written_before_kill} orders; pending then: "
+        f"{(await inventory.client.xpending(stream, GROUP))}"
+    )
+
+    second = workers(BOXOFFICE_OUTBOX_BATCH_SIZE="50")
+    await wait_until(
+        lambda: drained(pg, inventory, eid, len(orders)), 30, "the restarted worker to drain", [second]
+    )
+    await assert_exactly_once(pg, inventory, eid, orders)
+    assert "claimed" in second.output()
+
+
+async def _at_least(pg, event_id: str, n: int) -> bool:
+    return await orders_in_pg(pg, event_id) >= n
+
+
+async def test_postgres_unreachable_for_a_while_then_everything_lands_once(pg, inventory, wsettings, workers):
+    target = urlsplit(wsettings.database_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    netloc = f"{target.username or 'postgres'}@127.0.0.1:{proxy.port}"
+    via_proxy = urlunsplit((target.scheme, netloc, target.path, target.query, ""))
+    try:
+        eid = await new_event(pg, inventory, **big_event(n_seats=100))
+        worker = workers(via_proxy)
+        orders = await buy_many(inventory, eid, 100, "up", seated_every=4)
+        await wait_until(lambda: drained(pg, inventory, eid, 100), 30, "the first orders", [worker])
+
+        await proxy.stop()  # PostgreSQL is now unreachable for the worker
+        orders += await buy_many(inventory, f"{eid}", 300, "down")
+        await asyncio.sleep(1.5)
+        assert await orders_in_pg(pg, eid) == 100
+        # The outbox holds what is not written yet.
+        assert await inventory.client.xlen(keys.outbox(eid)) == 300
+
+        await proxy.start()
+        await wait_until(
+            lambda: drained(pg, inventory, eid, 400), 30, "the backlog after PostgreSQL returned", [worker]
+        )
+        await assert_exactly_once(pg, inventory, eid, orders)
+        assert "write-through pass failed" in worker.output()
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit(15) == 0, worker.output()[-3000:]
+    finally:
+        await proxy.stop()
+
+
+async def test_two_workers_write_no_order_twice(pg, inventory, workers):
+    eid = await new_event(pg, inventory, **big_event(n_seats=1000))
+    pair = [workers(BOXOFFICE_OUTBOX_BATCH_SIZE="50"), workers(BOXOFFICE_OUTBOX_BATCH_SIZE="50")]
+    await asyncio.sleep(0.5)
+    orders = []
+    for round_ in range(4):  # confirms keep arriving while both workers write
+        orders += await buy_many(inventory, eid, 750, f"r{round_}", seated_every=3, first_seat=250 * round_)
+    await wait_until(lambda: drained(pg, inventory, eid, len(orders)), 30, "both workers to drain", pair)
+    await assert_exactly_once(pg, inventory, eid, orders)
+    for w in pair:  # SIGTERM stops a worker cleanly
+        w.proc.send_signal(signal.SIGTERM)
+    for w in pair:
+        assert await w.wait_exit(15) == 0, w.output()[-3000:]
+        assert "worker stopped" in w.output()
