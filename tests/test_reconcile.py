@@ -1,0 +1,255 @@
+# ruff: noqa: F811  (the throw-away server fixtures are imported from test_rebuild, then used as arguments)
+"""Reconciliation of Redis with PostgreSQL: a clean sale, planted drift found and repaired, the CLI, the cron job.
+
+Runs on the throw-away redis-server of tests/test_rebuild.py (so ``cron_reconcile`` sees only our events in
+Redis) and the session's database; the write-through is the worker's own consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+
+from prometheus_client import REGISTRY
+from test_rebuild import (  # noqa: F401
+    buy,
+    create,
+    hold,
+    scratch,
+    scratch_app,
+    scratch_client,
+    scratch_redis_url,
+    scratch_settings,
+    seats_with,
+    zones,
+)
+
+from service import db, keys
+from service.domain import HoldRequest
+from service.errors import DomainError
+from workers import reconcile
+from workers.outbox import OutboxConsumer
+from workers.reconcile import cron_reconcile, reconcile_event, run_cli
+
+
+def kinds(report) -> set[str]:
+    return {d.kind for d in report.drifts}
+
+
+async def test_clean_sale_has_no_drift(scratch, capsys):
+    client, inventory, pg, settings, write_through = scratch
+    eid = await create(client)
+    await buy(client, eid, "c-1", ga=3, seats=["A1", "A2"])
+    await buy(client, eid, "c-2", ga=1)
+    await write_through(eid)
+    await hold(client, eid, "c-3", ga=2, seats=["B1"])
+    released = (await hold(client, eid, "c-4", ga=1, seats=["B2"])).json()["hold_id"]
+    await client.post(f"/v1/events/{eid}/holds/{released}/release")
+    await buy(client, eid, "c-5", ga=2, seats=["A3"])  # confirmed, not written through: in flight
+
+    report = await reconcile_event(inventory.client, pg, inventory, eid, repair=False, settings=settings)
+    assert report.clean, report.drifts
+    by_zone = {z.zone_id: z for z in report.zones}
+    assert (by_zone["floor"].sold_redis, by_zone["floor"].sold_pg, by_zone["floor"].in_flight) == (6, 4, 2)
+    assert (by_zone["sec-101"].sold_redis, by_zone["sec-101"].sold_pg, by_zone["sec-101"].in_flight) == (
+        3,
+        2,
+        1,
+    )
+    assert (by_zone["floor"].held_by_holds, by_zone["sec-101"].held_by_holds) == (2, 1)
+    assert (report.outbox.length, report.outbox.in_flight_orders, report.active_holds) == (1, 1, 1)
+    assert report.outbox.oldest_unacked_age_ms is not None and report.outbox.group_exists
+    assert await asyncio.to_thread(run_cli, settings, event_id=eid, repair=False, as_json=False) == 0
+    assert "1 of 1 events clean" in capsys.readouterr().out
+
+
+async def test_planted_drift_is_found_and_repaired(scratch, monkeypatch):
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    lost = await buy(client, eid, "c-1", seats=["A1", "A2"])
+    await buy(client, eid, "c-2", ga=3)
+    await write_through(eid)
+    active = (await hold(client, eid, "c-3", ga=2, seats=["B1"])).json()["hold_id"]
+    unwritten = await buy(client, eid, "c-4", ga=1)  # stays in the outbox: no worker runs
+
+    await r.hincrby(keys.zone(eid, "floor"), "sold", 2)  # sold bumped behind the scripts' back
+    await pg.execute("DELETE FROM orders WHERE order_id = $1", lost["order_id"])  # an order row lost
+    await r.zadd(keys.expiry(eid), {"h_ghost": 9e12})  # an expiry entry without a hold
+    await r.zrem(keys.expiry(eid), active)  # an active hold that would never expire
+    await r.hset(keys.owners(eid, "sec-101"), "A9", "h:h_gone")  # a seat held by no hold
+    monkeypatch.setattr(reconcile, "STUCK_AFTER_MIN_MS", 0)  # the outbox entry counts as stuck at once
+    settings = settings.model_copy(update={"outbox_claim_idle_ms": 1})
+    await asyncio.sleep(0.01)
+
+    report = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    assert kinds(report) == {
+        reconcile.SOLD,
+        reconcile.INVARIANT,
+        reconcile.PG_COUNTER,
+        reconcile.SEAT_SOLD_NOT_IN_PG,
+        reconcile.ORDER_MISSING_IN_PG,
+        reconcile.ORPHAN_EXPIRY,
+        reconcile.HOLD_MISSING_EXPIRY,
+        reconcile.HELD,
+        reconcile.STALE_SEAT_HOLD,
+        reconcile.OUTBOX_STUCK,
+    }
+    sold = {d.zone_id: (d.redis, d.expected) for d in report.drifts if d.kind == reconcile.SOLD}
+    assert sold == {"floor": (6, 4), "sec-101": (2, 0)}  # 3 + 1 sold, +2 planted; the lost order's 2 seats
+    assert {d.kind: d.examples for d in report.drifts}[reconcile.ORDER_MISSING_IN_PG] == [lost["order_id"]]
+    assert report.outbox.in_flight_orders == 1 and report.status == "on_sale"
+
+    fixed = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert fixed.clean, fixed.drifts
+    assert {d.kind for d in fixed.drifts_before} == kinds(report)
+    assert fixed.repaired[0] == "paused the sale" and fixed.repaired[-1] == "resumed the sale"
+    assert (await client.get(f"/v1/events/{eid}")).json()["status"] == "on_sale"
+    # The lost order and the stuck one are in PostgreSQL; counters and seats follow the record.
+    for order in (lost, unwritten):
+        assert await db.get_order(pg, eid, order["order_id"]) is not None
+    assert not await r.xlen(keys.outbox(eid))
+    avail = await zones(client, eid)
+    assert [(avail[z]["available"], avail[z]["held"], avail[z]["sold"]) for z in ("floor", "sec-101")] == [
+        (94, 2, 4),
+        (17, 1, 2),
+    ]
+    assert await pg.fetchval("SELECT sold FROM zones WHERE event_id = $1 AND zone_id = 'sec-101'", eid) == 2
+    assert await seats_with(client, eid, "sold") == {"A1", "A2"} and "A9" in await seats_with(
+        client, eid, "available"
+    )
+    assert (
+        await r.zscore(keys.expiry(eid), active) is not None
+        and await r.zscore(keys.expiry(eid), "h_ghost") is None
+    )
+    # The hold that had lost its expiry entry is still a good hold.
+    c = await client.post(f"/v1/events/{eid}/holds/{active}/confirm", json={"payment_ref": "p"})
+    assert c.status_code == 201
+    assert (await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)).clean
+
+
+async def test_cli_exit_codes_and_json(scratch, capsys):
+    client, inventory, pg, settings, write_through = scratch
+    eid = await create(client)
+    await buy(client, eid, "c-1", ga=2)
+    await write_through(eid)
+
+    async def cli(**kw) -> tuple[int, str]:
+        code = await asyncio.to_thread(run_cli, settings, event_id=eid, **kw)
+        return code, capsys.readouterr().out
+
+    code, out = await cli(repair=False, as_json=True)
+    body = json.loads(out)
+    assert code == 0 and body["clean"] is True and body["events"][0]["event_id"] == eid
+    assert body["events"][0]["zones"][0]["sold_redis"] == 2
+
+    await inventory.client.hincrby(keys.zone(eid, "floor"), "sold", 1)
+    code, out = await cli(repair=False, as_json=False)
+    assert code == 1 and "sold_redis_vs_pg" in out
+    code, out = await cli(repair=True, as_json=True)
+    body = json.loads(out)["events"][0]
+    assert code == 0 and body["clean"] and {d["kind"] for d in body["drifts_before"]} >= {"sold_redis_vs_pg"}
+    assert (await zones(client, eid))["floor"]["sold"] == 2
+
+    # A dead letter needs a person: repair leaves it, the exit stays 1, the sale is not paused for it.
+    await pg.execute(
+        "INSERT INTO dead_letters (event_id, order_id, entry_id, payload, reason) VALUES ($1, 'o_x', '1-0', '{}', 't')",
+        eid,
+    )
+    code, out = await cli(repair=True, as_json=True)
+    body = json.loads(out)["events"][0]
+    assert (
+        code == 1 and [d["kind"] for d in body["drifts"]] == ["dead_letters"] and body["status"] == "on_sale"
+    )
+    assert (
+        await asyncio.to_thread(run_cli, settings, event_id="no-such-event", repair=False, as_json=True) == 2
+    )
+
+
+async def test_cron_exports_drift_and_clears_it(scratch, caplog):
+    client, inventory, pg, settings, write_through = scratch
+    eid = await create(client)
+    await buy(client, eid, "c-1", ga=1)  # in flight
+    await hold(client, eid, "c-2", ga=1)
+    await inventory.client.hincrby(keys.zone(eid, "floor"), "sold", 3)
+    gone = await create(client)
+    await inventory.unload_event(gone)  # in PostgreSQL only: a rebuild's job, not a repair's
+
+    ctx = {"settings": settings, "inventory": inventory, "pg": pg}
+    with caplog.at_level(logging.WARNING, logger="boxoffice.reconcile"):
+        await cron_reconcile(ctx)
+
+    def gauge(name: str, **labels) -> float | None:
+        return REGISTRY.get_sample_value(name, {"event_id": eid, **labels})
+
+    assert gauge("boxoffice_reconcile_drift", kind="sold_redis_vs_pg") == 3
+    assert gauge("boxoffice_reconcile_drift", kind="orphan_expiry") == 0
+    assert (
+        gauge("boxoffice_active_holds"),
+        gauge("boxoffice_outbox_length"),
+        gauge("boxoffice_outbox_pending"),
+    ) == (1, 1, 0)
+    assert (
+        REGISTRY.get_sample_value(
+            "boxoffice_reconcile_drift", {"event_id": gone, "kind": "event_missing_in_redis"}
+        )
+        == 1
+    )
+    assert any(eid in rec.getMessage() and "sold_redis_vs_pg" in rec.getMessage() for rec in caplog.records)
+
+    report = await reconcile_event(inventory.client, pg, inventory, gone, repair=True, settings=settings)
+    assert kinds(report) == {reconcile.EVENT_MISSING_IN_REDIS} and not report.repaired
+    assert (await reconcile_event(inventory.client, pg, inventory, eid, repair=True, settings=settings)).clean
+    await cron_reconcile(ctx)
+    assert gauge("boxoffice_reconcile_drift", kind="sold_redis_vs_pg") == 0
+
+
+async def test_no_false_drift_while_selling(scratch):
+    """Holds, confirms, releases, expiries and the write-through run while we reconcile: never a drift."""
+    client, inventory, pg, settings, write_through = scratch
+    eid = await create(client, max_tickets_per_customer=1000, hold_ttl_seconds=1)
+    labels = [f"{row}{n}" for row in "AB" for n in range(1, 11)]
+    consumer = OutboxConsumer(
+        inventory.client,
+        pg,
+        settings.model_copy(update={"outbox_batch_size": 10, "outbox_poll_interval_seconds": 0.001}),
+        name="w",
+    )
+    stop = asyncio.Event()
+
+    async def buyer(k: int) -> None:
+        rnd = random.Random(k)
+        while not stop.is_set():
+            items = [{"zone_id": "floor", "quantity": 1}] + (
+                [{"zone_id": "sec-101", "seats": [rnd.choice(labels)]}] if rnd.random() < 0.3 else []
+            )
+            req = HoldRequest.model_validate({"customer_id": f"c{k}", "items": items, "ttl_seconds": 1})
+            try:
+                h, _ = await inventory.hold(eid, req)
+                if rnd.random() < 0.5:
+                    await inventory.confirm(eid, h["hold_id"], "p")
+                elif rnd.random() < 0.5:
+                    await inventory.release(eid, h["hold_id"])
+            except DomainError:
+                await asyncio.sleep(0.01)  # sold out: the floor has 100
+
+    tasks = [asyncio.create_task(buyer(k)) for k in range(8)]
+    tasks.append(asyncio.create_task(consumer.run_forever(stop)))
+    reports = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while asyncio.get_running_loop().time() < deadline:
+            reports.append(
+                await reconcile_event(inventory.client, pg, inventory, eid, repair=False, settings=settings)
+            )
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert [r.drifts for r in reports if r.drifts] == []
+    assert any(r.outbox.in_flight_orders for r in reports) and any(r.active_holds for r in reports)
+    await write_through(eid)
+    assert (
+        await reconcile_event(inventory.client, pg, inventory, eid, repair=False, settings=settings)
+    ).clean
