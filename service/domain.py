@@ -30,7 +30,9 @@ MAX_SEATS_PER_ZONE = 200_000
 
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 """Event and zone ids: 1-64 of letters, digits, '.', '_', '-' (no braces: they would break the hash tag)."""
-CustomerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S+$")]
+CustomerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+"""No white space or control characters: PostgreSQL text cannot hold NUL, and an order it refuses
+after the buyer saw 201 would end up a dead letter."""
 SEAT_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,31}$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -158,7 +160,7 @@ class HoldRequest(_Strict):
 
 
 class ConfirmRequest(_Strict):
-    payment_ref: str = Field(min_length=1, max_length=200)
+    payment_ref: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
 
 
 def iso_ms(ms: int | None) -> str | None:

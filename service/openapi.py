@@ -243,7 +243,13 @@ SCHEMAS: dict[str, Any] = {
         "required": ["customer_id", "items"],
         "additionalProperties": False,
         "properties": {
-            "customer_id": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^\S+$"},
+            "customer_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 128,
+                "pattern": r"^[^\s\x00-\x1f\x7f]+$",
+                "description": "No white space or control characters.",
+            },
             "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": _ref("HoldItem")},
             "ttl_seconds": {
                 "type": ["integer", "null"],
@@ -273,7 +279,14 @@ SCHEMAS: dict[str, Any] = {
         "description": "Payment was taken elsewhere; `payment_ref` records it on the order.",
         "required": ["payment_ref"],
         "additionalProperties": False,
-        "properties": {"payment_ref": {"type": "string", "minLength": 1, "maxLength": 200}},
+        "properties": {
+            "payment_ref": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "pattern": r"^[^\x00-\x1f\x7f]+$",
+            }
+        },
     },
     # Replies (the *_view functions of service/api.py).
     "Event": {

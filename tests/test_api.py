@@ -249,3 +249,12 @@ async def test_wait_aof_is_switched_off_on_servers_without_it(settings, redis):
     async with app.router.lifespan_context(app):
         expect = tuple(int(p) for p in version.split(".")[:2]) >= (7, 2)
         assert app.state.settings.wait_aof is expect
+
+
+async def test_control_characters_are_refused_before_they_reach_an_order(client, make_event):
+    """PostgreSQL text cannot hold NUL: such an order would be confirmed in Redis and refused later."""
+    eid = (await make_event())["event_id"]
+    err(await hold(client, eid, "c\x00x", items=[{"zone_id": "floor", "quantity": 1}]), 422, "validation_failed")
+    h = (await hold(client, eid, items=[{"zone_id": "floor", "quantity": 1}])).json()
+    r = await client.post(f"/v1/events/{eid}/holds/{h['hold_id']}/confirm", json={"payment_ref": "pi\x00"})
+    err(r, 422, "validation_failed")
