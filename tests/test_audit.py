@@ -1,0 +1,267 @@
+"""The oversell audit: a clean small sale passes; each fault planted behind the service's back fails it.
+
+Sales run through ``Inventory`` (the scripts) on a private redis-server, so no other test's worker can
+consume these outboxes; orders are written through by the real ``OutboxConsumer`` into the session's
+PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from conftest import event_body, new_event_id
+
+from loadtests.audit import CHECKS, audit_event, load_acks, outbox_backlog
+from loadtests.bench import throwaway_redis
+from service import catalog, db, keys
+from service.domain import EventSpec, HoldRequest
+from service.inventory import Inventory
+from service.settings import Settings
+from workers.outbox import OutboxConsumer
+
+
+@pytest.fixture(scope="module")
+def private_settings(settings) -> Settings:
+    with throwaway_redis() as url:
+        yield settings.model_copy(update={"redis_url": url})
+
+
+@pytest.fixture(scope="module")
+async def rclient(private_settings) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(private_settings.redis_url)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture(scope="module")
+async def pg(private_settings):
+    pool = await db.create_pool(private_settings.database_url)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def inventory(rclient, private_settings) -> Inventory:
+    return Inventory(rclient, private_settings)
+
+
+def confirmed_ack(event_id: str, order: dict, hold: dict) -> dict:
+    """The line the Locust scenario writes for a 201."""
+    return {
+        "kind": "confirmed",
+        "event_id": event_id,
+        "order_id": order["order_id"],
+        "hold_id": hold["hold_id"],
+        "items": order["items"],
+        "confirmed_at_ms": order["confirmed_at_ms"],
+        "expires_at_ms": hold["expires_at_ms"],
+    }
+
+
+async def write_through(rclient, pg, settings: Settings, event_id: str) -> None:
+    consumer = OutboxConsumer(rclient, pg, settings)
+    while await consumer.run_once([event_id]):
+        pass
+
+
+async def hold(
+    inventory: Inventory, event_id: str, customer: str, items: list[dict], ttl: int | None = None
+) -> dict:
+    req = HoldRequest.model_validate({"customer_id": customer, "items": items, "ttl_seconds": ttl})
+    h, _ = await inventory.hold(event_id, req)
+    return h
+
+
+async def small_sale(inventory, rclient, pg, settings, *, abandon: bool = False) -> tuple[str, list[dict]]:
+    """GA zone of 10 and 4 seats: 3 GA + seats A1, A2 confirmed, 2 GA released, optionally 1 GA + A3 abandoned."""
+    eid = new_event_id("aud")
+    spec = EventSpec.model_validate(
+        event_body(
+            eid,
+            zones=[
+                {"zone_id": "ga", "kind": "ga", "capacity": 10, "price_cents": 1000},
+                {"zone_id": "s", "kind": "seated", "price_cents": 2000, "rows": {"A": 4}},
+            ],
+        )
+    )
+    await catalog.create_event(pg, inventory, spec)
+    acks = []
+    for customer, items in (
+        ("c1", [{"zone_id": "ga", "quantity": 3}]),
+        ("c2", [{"zone_id": "s", "seats": ["A1", "A2"]}]),
+    ):
+        h = await hold(inventory, eid, customer, items)
+        order, created = await inventory.confirm(eid, h["hold_id"], f"pay-{customer}")
+        assert created
+        acks.append(confirmed_ack(eid, order, h))
+    released = await hold(inventory, eid, "c3", [{"zone_id": "ga", "quantity": 2}])
+    assert await inventory.release(eid, released["hold_id"]) == "released"
+    acks.append({"kind": "released", "event_id": eid, "hold_id": released["hold_id"]})
+    if abandon:
+        left = await hold(
+            inventory, eid, "c4", [{"zone_id": "ga", "quantity": 1}, {"zone_id": "s", "seats": ["A3"]}], ttl=1
+        )
+        acks.append({"kind": "abandoned", "event_id": eid, "hold_id": left["hold_id"]})
+    await write_through(rclient, pg, settings, eid)
+    return eid, acks
+
+
+def checks_failed(report) -> set[str]:
+    assert set(v.check for v in report.violations) <= set(CHECKS)
+    return {v.check for v in report.violations}
+
+
+async def test_clean_sale_passes(inventory, rclient, pg, private_settings, tmp_path):
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings, abandon=True)
+    (tmp_path / "w1.jsonl").write_bytes(b"".join(orjson.dumps(a) + b"\n" for a in acks[:2]))
+    (tmp_path / "w2.jsonl").write_bytes(b"".join(orjson.dumps(a) + b"\n" for a in acks[2:]) + b"\n")
+    assert load_acks(tmp_path, eid) == acks and load_acks(tmp_path, "other-event") == []
+
+    report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=5, settings=private_settings)
+
+    assert report.violations == []
+    assert report.ok
+    zones = {z.zone_id: z for z in report.zones}
+    assert (
+        zones["ga"].redis_sold,
+        zones["ga"].pg_sold,
+        zones["ga"].pg_counter,
+        zones["ga"].redis_available,
+    ) == (3, 3, 3, 7)
+    assert (zones["s"].redis_sold, zones["s"].pg_sold, zones["s"].redis_held, zones["s"].redis_available) == (
+        2,
+        2,
+        0,
+        2,
+    )
+    assert (report.acks, report.orders, report.unacked_orders, report.holds_reaped) == (2, 2, 0, 1)
+    assert await rclient.hget(keys.hold(eid, acks[-1]["hold_id"]), "status") == b"expired"
+    assert report.write_lag_ms["p99"] >= report.write_lag_ms["p50"] >= 0
+
+
+async def test_unacked_but_confirmed_order_is_not_a_violation(inventory, rclient, pg, private_settings):
+    """A client that lost its 201 to a timeout: Redis knows the order, so it is counted, not flagged."""
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings)
+    report = await audit_event(rclient, pg, eid, acks[1:], drain_timeout_seconds=1, settings=private_settings)
+    assert report.ok, report.violations
+    assert report.unacked_orders == 1
+
+
+async def _plant_redis_sold(ctx):
+    await ctx.rclient.hincrby(keys.zone(ctx.eid, "ga"), "sold", 1)
+    await ctx.rclient.hincrby(keys.zone(ctx.eid, "ga"), "available", -1)
+
+
+async def _plant_pg_order(ctx):
+    async with ctx.pg.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO orders (order_id, event_id, hold_id, customer_id, amount_cents, payment_ref, confirmed_at)"
+            " VALUES ('o_ghost_' || $1, $1, 'h_ghost_' || $1, 'ghost', 1000, 'cash', now())",
+            ctx.eid,
+        )
+        await conn.execute(
+            "INSERT INTO order_items (order_id, event_id, zone_id, seat, quantity)"
+            " VALUES ('o_ghost_' || $1, $1, 'ga', NULL, 1)",
+            ctx.eid,
+        )
+        await conn.execute("UPDATE zones SET sold = sold + 1 WHERE event_id = $1 AND zone_id = 'ga'", ctx.eid)
+
+
+async def _plant_seat_sold_twice(ctx):
+    """What a broken confirm would do: sell A1 again (Redis counters and outbox) and answer 201."""
+    first = next(a for a in ctx.acks if a.get("items", [{}])[0].get("seats"))
+    order = {
+        "order_id": "o_twice",
+        "event_id": ctx.eid,
+        "hold_id": "h_twice",
+        "customer_id": "c9",
+        "items": [{"zone_id": "s", "seats": ["A1"]}],
+        "amount_cents": 2000,
+        "payment_ref": "p",
+        "confirmed_at_ms": first["confirmed_at_ms"] + 1,
+    }
+    await ctx.rclient.hincrby(keys.zone(ctx.eid, "s"), "sold", 1)
+    await ctx.rclient.hincrby(keys.zone(ctx.eid, "s"), "available", -1)
+    await ctx.rclient.xadd(keys.outbox(ctx.eid), {"order": orjson.dumps(order)})
+    ctx.acks.append(
+        {"kind": "confirmed", **{k: order[k] for k in ("event_id", "order_id", "hold_id", "items")}}
+    )
+    await write_through(
+        ctx.rclient, ctx.pg, ctx.settings, ctx.eid
+    )  # PostgreSQL's unique seat index refuses it
+
+
+async def _plant_stock_not_returned(ctx):
+    await ctx.rclient.hincrby(keys.zone(ctx.eid, "ga"), "held", 1)
+    await ctx.rclient.hincrby(keys.zone(ctx.eid, "ga"), "available", -1)
+
+
+async def _plant_lost_write(ctx):
+    ga = next(a for a in ctx.acks if a.get("kind") == "confirmed" and "quantity" in a["items"][0])
+    async with ctx.pg.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM orders WHERE order_id = $1", ga["order_id"])
+        await conn.execute("UPDATE zones SET sold = sold - 3 WHERE event_id = $1 AND zone_id = 'ga'", ctx.eid)
+
+
+async def _plant_late_confirm(ctx):
+    ctx.acks[0]["expires_at_ms"] = ctx.acks[0]["confirmed_at_ms"] - 1
+
+
+async def _plant_hold_confirmed_twice(ctx):
+    ctx.acks.append({**ctx.acks[0], "order_id": "o_second"})
+
+
+async def _plant_not_drained(ctx):
+    h = await hold(ctx.inventory, ctx.eid, "c5", [{"zone_id": "ga", "quantity": 1}])
+    order, _ = await ctx.inventory.confirm(ctx.eid, h["hold_id"], "pay")
+    ctx.acks.append(confirmed_ack(ctx.eid, order, h))
+    assert await outbox_backlog(ctx.rclient, ctx.eid) == 1
+
+
+async def _plant_abandoned_hold_confirmed(ctx):
+    h = await hold(ctx.inventory, ctx.eid, "c6", [{"zone_id": "ga", "quantity": 1}])
+    await ctx.inventory.confirm(ctx.eid, h["hold_id"], "pay")
+    ctx.acks.append({"kind": "abandoned", "event_id": ctx.eid, "hold_id": h["hold_id"]})
+    await write_through(ctx.rclient, ctx.pg, ctx.settings, ctx.eid)
+
+
+PLANTS = {
+    "redis sold bumped": (_plant_redis_sold, {"redis_pg"}),
+    "order inserted in PostgreSQL only": (_plant_pg_order, {"redis_pg", "unknown_orders"}),
+    "seat sold twice": (_plant_seat_sold_twice, {"seats", "acks", "dead_letters", "redis_pg"}),
+    "held stock not returned": (_plant_stock_not_returned, {"holds"}),
+    "acked order lost": (_plant_lost_write, {"acks", "redis_pg"}),
+    "confirmed after expiry": (_plant_late_confirm, {"late_confirms"}),
+    "hold confirmed into two orders": (_plant_hold_confirmed_twice, {"acks"}),
+    "write-through not drained": (_plant_not_drained, {"drain", "acks", "redis_pg"}),
+    "abandoned hold was confirmed": (_plant_abandoned_hold_confirmed, {"holds"}),
+}
+
+
+class _Ctx:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize("fault", list(PLANTS))
+async def test_planted_fault_fails_the_audit(fault, inventory, rclient, pg, private_settings):
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings)
+    plant, expected = PLANTS[fault]
+    await plant(
+        _Ctx(eid=eid, acks=acks, rclient=rclient, pg=pg, settings=private_settings, inventory=inventory)
+    )
+
+    report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=0.3, settings=private_settings)
+
+    assert not report.ok
+    assert checks_failed(report) == expected, report.violations
+
+
+async def test_unknown_event_fails(rclient, pg, private_settings):
+    report = await audit_event(
+        rclient, pg, new_event_id("nope"), [], drain_timeout_seconds=0.1, settings=private_settings
+    )
+    assert not report.ok
