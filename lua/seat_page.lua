@@ -35,7 +35,10 @@ if after ~= '' then
   from = '(' .. pos
 end
 
-local out, scanned, last, chunk = {}, 0, nil, math.min(scan_limit, 500)
+-- Without a status filter every seat read is returned, so read just one page (+1 to learn if more follow).
+local chunk = math.min(scan_limit, 500)
+if want == '' then chunk = math.min(limit + 1, 500) end
+local out, scanned, last = {}, 0, nil
 while #out < limit and scanned < scan_limit do
   local labels = redis.call('ZRANGEBYSCORE', skey, from, '+inf', 'WITHSCORES', 'LIMIT', 0, chunk)
   if #labels == 0 then return cjson.encode({ seats = out, next = cjson.null }) end

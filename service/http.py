@@ -56,13 +56,16 @@ async def read_json(request: Request, model: type[M]) -> M:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise DomainError("payload_too_large", details={"max_bytes": limit})
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise DomainError("payload_too_large", details={"max_bytes": limit})
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    if declared is not None and declared.isdigit():
+        body = await request.body()  # bounded by the declared length checked above
+    else:  # chunked: count while reading
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise DomainError("payload_too_large", details={"max_bytes": limit})
+            chunks.append(chunk)
+        body = b"".join(chunks)
     try:
         data = orjson.loads(body) if body else None
     except orjson.JSONDecodeError as exc:

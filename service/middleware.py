@@ -6,9 +6,9 @@ puts it in the logging context, and observes the request's latency per route tem
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,7 +33,7 @@ class RequestContext:
                 rid = value.decode("latin-1")
                 break
         if rid is None or not _VALID_ID.match(rid):
-            rid = uuid.uuid4().hex
+            rid = os.urandom(16).hex()
         token = request_id.set(rid)
         status = 500
         started = time.perf_counter()

@@ -258,3 +258,16 @@ async def test_control_characters_are_refused_before_they_reach_an_order(client,
     h = (await hold(client, eid, items=[{"zone_id": "floor", "quantity": 1}])).json()
     r = await client.post(f"/v1/events/{eid}/holds/{h['hold_id']}/confirm", json={"payment_ref": "pi\x00"})
     err(r, 422, "validation_failed")
+
+
+async def test_chunked_body_over_the_limit_is_413(client):
+    """Without Content-Length the body is counted while it streams in."""
+
+    async def chunks():
+        yield b'{"x": "'
+        for _ in range(20):
+            yield b"a" * 4096
+        yield b'"}'
+
+    r = await client.post("/v1/events", content=chunks(), headers=ADMIN)
+    err(r, 413, "payload_too_large")
