@@ -3,7 +3,7 @@
     .venv/bin/python -m loadtests.bench_writethrough --rates 500,1000,2000 --seconds 20 --runs 3
 
 Everything is private and thrown away after: a redis-server on a free loopback port and a fresh
-PostgreSQL database (``bench_writethrough_<pid>``, migrated) on the local server (``DATABASE_URL`` or
+PostgreSQL database (``boxoffice_bench_<pid>``, migrated) on the local server (``DATABASE_URL`` or
 127.0.0.1:5432, user postgres). Workers are real ``python -m service.cli worker`` processes.
 
 Two measures:
@@ -22,26 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import psycopg
 import typer
 
+from loadtests.local import throwaway_database, throwaway_redis
 from service import catalog, db
 from service.app import redis_client
 from service.domain import EventSpec, HoldRequest
 from service.inventory import Inventory
-from service.migrate import migrate
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,44 +45,6 @@ MAX_IN_FLIGHT = 2000
 DRAIN_TIMEOUT_SECONDS = 120.0
 RECONCILE_OFF_SECONDS = 3600
 """Workers' reconcile cron period unless --reconcile-interval is given: hourly (at minute 0), i.e. off for a run."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    binary = shutil.which("redis-server") or "redis-server"
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            tempfile.gettempdir(),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.02)
 
 
 def _with_db(url: str, name: str) -> str:
@@ -220,13 +178,7 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
 async def _bench(rates: list[float], seconds: float, runs: int, drain_orders: int, n_workers: int) -> None:
     base = Settings()
     admin_url = _with_db(base.database_url or "postgresql://postgres@127.0.0.1:5432/postgres", "postgres")
-    name = f"bench_writethrough_{os.getpid()}"
-    redis_proc, redis_url = _start_redis()
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    database_url = _with_db(admin_url, name)
-    try:
-        migrate(database_url)
+    with throwaway_redis() as redis_url, throwaway_database(admin_url) as database_url:
         settings = base.model_copy(update={"redis_url": redis_url, "database_url": database_url})
         client = redis_client(redis_url, settings)
         inventory = Inventory(client, settings)
@@ -259,11 +211,6 @@ async def _bench(rates: list[float], seconds: float, runs: int, drain_orders: in
         finally:
             await pg.close()
             await client.aclose()
-    finally:
-        redis_proc.terminate()
-        redis_proc.wait(10)
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main(

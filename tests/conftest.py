@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from loadtests.local import free_port, throwaway_redis
 from service.app import create_app
 from service.migrate import migrate
 from service.servers import choose_servers
@@ -132,12 +133,12 @@ async def any_redis(request, settings) -> AsyncIterator[aioredis.Redis]:
     await r.aclose()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def private_redis_url():
+    """A throw-away redis-server of the module's own (no persistence). For tests whose workers consume
+    outboxes or that FLUSHALL: on the shared server another session's worker could take their entries."""
+    with throwaway_redis() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -148,12 +149,19 @@ def live_server(settings):
     import time
 
     port = free_port()
-    env = {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
-           "BOXOFFICE_ADMIN_TOKEN": settings.admin_token, "BOXOFFICE_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "BOXOFFICE_ADMIN_TOKEN": settings.admin_token,
+        "BOXOFFICE_LOG_LEVEL": "WARNING",
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--workers", "2", "--port", str(port), "--no-migrate"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -21,14 +21,10 @@ import orjson
 import psutil
 import pytest
 
+from loadtests.local import free_port
+
 STARTUP_TIMEOUT_SECONDS = 90.0
 EXIT_TIMEOUT_SECONDS = 45.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def dev_env(data_dir: Path, port: int) -> dict[str, str]:

@@ -9,9 +9,6 @@ outbox entry is the confirm script's own.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
 from datetime import datetime
 
@@ -19,7 +16,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from conftest import ADMIN, event_body
+from conftest import ADMIN, event_body, free_port
 
 from service import catalog, db, keys, metrics
 from service.app import create_app, redis_client
@@ -27,39 +24,6 @@ from service.domain import EventSpec, HoldRequest
 from service.inventory import Inventory, new_id
 from workers.outbox import GROUP, OutboxConsumer, write_batch
 from workers.sweeper import sweep_once
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def private_redis_url():
-    """A throw-away redis-server on a free loopback port, no persistence."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.02)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(scope="module")

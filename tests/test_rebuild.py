@@ -6,15 +6,10 @@ The throw-away server fixtures here are imported by tests/test_reconcile.py too.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import redis
 from conftest import ADMIN, event_body
 
 from service import db, keys
@@ -26,56 +21,9 @@ from workers.outbox import OutboxConsumer
 from workers.reconcile import reconcile_event
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def scratch_redis_url(tmp_path_factory) -> str:
-    """A redis-server of our own (no persistence) that tests may FLUSHALL; never the shared 6379."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("scratch-redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def scratch_settings(scratch_redis_url, database_url) -> Settings:
-    return Settings(redis_url=scratch_redis_url, database_url=database_url, admin_token="test-admin-token")
+def scratch_settings(private_redis_url, database_url) -> Settings:
+    return Settings(redis_url=private_redis_url, database_url=database_url, admin_token="test-admin-token")
 
 
 @pytest.fixture(scope="module")

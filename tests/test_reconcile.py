@@ -20,7 +20,6 @@ from test_rebuild import (  # noqa: F401
     scratch,
     scratch_app,
     scratch_client,
-    scratch_redis_url,
     scratch_settings,
     seats_with,
     zones,
