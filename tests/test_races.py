@@ -8,7 +8,6 @@ from collections import Counter
 
 import httpx
 import pytest
-
 from conftest import ADMIN, event_body
 
 pytestmark = pytest.mark.slow
@@ -54,6 +53,10 @@ async def test_500_buyers_race_for_100_ga_tickets(http):
     assert codes == {201: 100, 409: 400}
     z = (await availability(http, eid))["floor"]
     assert (z["available"], z["held"], z["sold"]) == (0, 100, 0)
+    # /metrics merges both uvicorn workers (prometheus-client multiprocess mode): all 100 holds counted
+    metrics = (await http.get("/metrics")).text
+    assert f'boxoffice_holds_total{{event_id="{eid}"}} 100.0' in metrics
+    assert 'boxoffice_rejections_total{code="sold_out"}' in metrics
 
 
 async def test_200_buyers_race_for_the_same_10_seats(http):

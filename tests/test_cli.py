@@ -1,0 +1,58 @@
+"""The `boxoffice` CLI's event commands, in-process (Typer's CliRunner) against the real servers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import event_body
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.settings import get_settings
+
+
+@pytest.fixture
+def cli_env(settings, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    get_settings.cache_clear()
+    yield CliRunner()
+    get_settings.cache_clear()
+
+
+def test_event_create_show_pause_resume(cli_env, tmp_path):
+    body = event_body()
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(body))
+    eid = body["event_id"]
+
+    r = cli_env.invoke(app, ["event", "create", str(path)])
+    assert r.exit_code == 0, r.output
+    r = cli_env.invoke(app, ["event", "create", str(path)])
+    assert r.exit_code == 1 and "event_exists" in r.output
+
+    r = cli_env.invoke(app, ["event", "show", eid])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.stdout)
+    assert shown["status"] == "on_sale"
+    assert [z["available"] for z in shown["availability"]] == [100, 20]
+
+    assert cli_env.invoke(app, ["event", "pause", eid]).exit_code == 0
+    assert json.loads(cli_env.invoke(app, ["event", "show", eid]).stdout)["status"] == "paused"
+    assert cli_env.invoke(app, ["event", "resume", eid]).exit_code == 0
+    assert json.loads(cli_env.invoke(app, ["event", "show", eid]).stdout)["status"] == "on_sale"
+
+
+def test_event_create_refuses_an_invalid_file(cli_env, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"event_id": "x"}))
+    r = cli_env.invoke(app, ["event", "create", str(path)])
+    assert r.exit_code == 1 and "validation_failed" in r.output
+
+
+def test_every_command_has_help(cli_env):
+    for cmd in (["serve"], ["worker"], ["migrate"], ["dev"], ["reconcile"], ["rebuild"], ["audit"], ["bench"],
+                ["event", "create"], ["event", "show"], ["event", "pause"], ["event", "resume"]):
+        r = cli_env.invoke(app, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output, cmd
