@@ -129,7 +129,7 @@ class FlashSaleCustomer(FastHttpUser):
                 catch_response=True,
             ) as resp:
                 if resp.status_code != 200:
-                    resp.failure(f"{resp.status_code} {resp.text[:200]}")
+                    resp.failure(f"{resp.status_code} {(resp.text or str(resp.error))[:200]}")
                     return None
                 free = [s["seat"] for s in resp.json()["seats"]]
             if not free:
@@ -151,7 +151,7 @@ class FlashSaleCustomer(FastHttpUser):
             if resp.status_code == 409 and code in LOST_RACE:
                 resp.success()
                 return 409, None, code
-            resp.failure(f"{resp.status_code} {code or resp.text[:200]}")
+            resp.failure(f"{resp.status_code} {code or (resp.text or str(resp.error))[:200]}")
             return resp.status_code, None, code
 
     def _hold(
@@ -193,7 +193,7 @@ class FlashSaleCustomer(FastHttpUser):
             if resp.status_code == 409 and code == "hold_expired":
                 resp.success()
                 return 409, None, code
-            resp.failure(f"{resp.status_code} {code or resp.text[:200]}")
+            resp.failure(f"{resp.status_code} {code or (resp.text or str(resp.error))[:200]}")
             return resp.status_code, None, code
 
     def _confirm(self, sale: common.Sale, base: str, hold: dict) -> None:
@@ -254,7 +254,7 @@ class FlashSaleCustomer(FastHttpUser):
             f"{base}/holds/{hold['hold_id']}/release", name="POST release", catch_response=True
         ) as resp:
             if resp.status_code != 200:
-                resp.failure(f"{resp.status_code} {_code(resp) or resp.text[:200]}")
+                resp.failure(f"{resp.status_code} {_code(resp) or (resp.text or str(resp.error))[:200]}")
                 return
             status = resp.json()["status"]
         sale.acks.record("released" if status == "released" else "expired", hold_id=hold["hold_id"])

@@ -97,7 +97,7 @@ class Browser(FastHttpUser):
                 if resp.status_code == 409:
                     resp.success()  # seats taken or sold out: a normal answer
                 else:
-                    resp.failure(f"{resp.status_code} {resp.text[:200]}")
+                    resp.failure(f"{resp.status_code} {(resp.text or str(resp.error))[:200]}")
                 return
             hold = resp.json()
         gevent.sleep(random.uniform(0.1, 1.0))
@@ -109,7 +109,7 @@ class Browser(FastHttpUser):
                 catch_response=True,
             ) as resp:
                 if resp.status_code != 201:
-                    resp.failure(f"{resp.status_code} {resp.text[:200]}")
+                    resp.failure(f"{resp.status_code} {(resp.text or str(resp.error))[:200]}")
                     return
                 order = resp.json()
             sale.acks.record(
@@ -125,6 +125,6 @@ class Browser(FastHttpUser):
                 f"{base}/holds/{hold['hold_id']}/release", name="POST release", catch_response=True
             ) as resp:
                 if resp.status_code != 200:
-                    resp.failure(f"{resp.status_code} {resp.text[:200]}")
+                    resp.failure(f"{resp.status_code} {(resp.text or str(resp.error))[:200]}")
                     return
             sale.acks.record("released", hold_id=hold["hold_id"])

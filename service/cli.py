@@ -67,7 +67,7 @@ def serve(
     uvicorn.run(
         "service.app:create_app", factory=True, host=host or settings.host, port=port or settings.port,
         workers=workers or settings.web_workers, log_level=settings.log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=10, timeout_keep_alive=settings.keep_alive_seconds,
     )
 
 

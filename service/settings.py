@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     web_workers: int = 2
+    keep_alive_seconds: int = 75
+    """How long uvicorn keeps an idle client connection open. Longer than a load balancer's idle timeout
+    (60 s on common ones), so the server never closes a connection the client is about to reuse."""
     admin_token: str = "dev-admin-token"
     """Bearer token for the admin routes. Change it for anything but a laptop."""
     max_body_bytes: int = 65536
