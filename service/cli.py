@@ -26,7 +26,7 @@ _started = []  # Servers objects this process started (stopped at exit by server
 def resolve_settings(*, quiet: bool = False) -> Settings:
     """Settings with both URLs filled in (choosing or starting servers if needed) and exported to os.environ."""
     settings = get_settings()
-    if settings.redis_url and settings.database_url and not settings.embedded:
+    if settings.redis_url and settings.database_url:  # explicit URLs win, even over BOXOFFICE_EMBEDDED
         return settings
     from service.servers import choose_servers
 

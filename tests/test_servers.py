@@ -91,6 +91,18 @@ def test_env_urls_are_used_as_given(clean_env, tmp_path) -> None:
     servers.stop()
 
 
+def test_explicit_urls_win_over_boxoffice_embedded(clean_env, tmp_path) -> None:
+    """BOXOFFICE_EMBEDDED means "embedded rather than local", not "ignore the URLs I was given": child
+    processes (uvicorn, workers) are handed the URLs their parent chose and must use those."""
+    clean_env.setenv("BOXOFFICE_EMBEDDED", "1")
+    clean_env.setenv("REDIS_URL", "redis://127.0.0.1:6390/2")
+    clean_env.setenv("DATABASE_URL", "postgresql://app@127.0.0.1:5433/tickets")
+    servers = choose_servers(Settings(), data_dir=str(tmp_path))
+    assert (servers.redis_source, servers.database_source) == ("env", "env")
+    assert list(tmp_path.iterdir()) == []
+    servers.stop()
+
+
 def test_local_servers_are_preferred_when_they_answer(clean_env, tmp_path) -> None:
     if port_closed(6379) or port_closed(5432):
         pytest.skip("needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432")
