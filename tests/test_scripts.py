@@ -201,3 +201,26 @@ async def test_sweeper_reap(inv):
     assert await inv.reap(eid) == 5
     raw = await inv.client.hgetall(keys.zone(eid, "ga"))
     assert int(raw[b"available"]) == 10 and int(raw[b"held"]) == 0
+
+
+async def test_scripts_survive_redis_forgetting_them(settings):
+    """After SCRIPT FLUSH (or a Redis restart) EVALSHA answers NOSCRIPT: the runner loads the script and the
+    call goes through, both for a lone call and inside an auto-pipelined batch. On a private server."""
+    from loadtests.local import throwaway_redis
+    from service.app import redis_client
+
+    with throwaway_redis() as url:
+        s = settings.model_copy(update={"redis_url": url})
+        client = redis_client(url, s)
+        inv = Inventory(client, s)
+        eid = new_event_id("noscript")
+        await inv.load_event(spec(eid, ga=100))
+        await inv.runner.load()
+        await client.script_flush()
+        assert not await inv.runner.loaded()
+        hold, _ = await inv.hold(eid, req(ga=1))  # a lone call
+        await client.script_flush()
+        results = await asyncio.gather(*(inv.hold(eid, req(customer=f"c{i}", ga=1)) for i in range(20)))
+        assert len({h["hold_id"] for h, _ in results}) == 20  # a batch in one pipeline
+        assert (await zones(inv, eid))["ga"]["held"] == 21
+        await client.aclose()
