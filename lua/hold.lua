@@ -61,44 +61,56 @@ local max_ttl = tonumber(meta[2])
 if ttl_seconds == 0 then ttl_seconds = max_ttl end
 if ttl_seconds > max_ttl then return fail('ttl_too_long', { max_ttl_seconds = max_ttl }) end
 
--- Check every item before writing anything: all or none.
+-- Check every item before writing anything: all or none. Returns true, tickets, amount when all fit,
+-- else false, the refusal reply, and whether reaping more expired holds could change the answer.
 local items = cjson.decode(ARGV[4])
-local tickets, amount = 0, 0
-local taken = {}
-for _, item in ipairs(items) do
-  local zkey = prefix .. 'zone:' .. item.zone_id
-  local z = redis.call('HMGET', zkey, 'kind', 'available', 'price_cents')
-  if not z[1] then return fail('zone_not_found', { zone_id = item.zone_id }) end
-  if item.seats then
-    if z[1] ~= 'seated' then return fail('invalid_item', { zone_id = item.zone_id, reason = 'general-admission zone: give quantity, not seats' }) end
-    local skey = prefix .. 'seats:' .. item.zone_id
-    local unknown = {}
-    for _, seat in ipairs(item.seats) do
-      if not redis.call('ZSCORE', skey, seat) then unknown[#unknown + 1] = seat end
-    end
-    if #unknown > 0 then return fail('unknown_seats', { zone_id = item.zone_id, seats = unknown }) end
-    local owners = redis.call('HMGET', prefix .. 'owner:' .. item.zone_id, unpack(item.seats))
-    for i, seat in ipairs(item.seats) do
-      if owners[i] then taken[#taken + 1] = { zone_id = item.zone_id, seat = seat } end
-    end
-  else
-    if z[1] ~= 'ga' then return fail('invalid_item', { zone_id = item.zone_id, reason = 'seated zone: give seats, not quantity' }) end
-    local available = tonumber(z[2])
-    if item.quantity > available then
-      return fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available })
-    end
-  end
-  local n = item_count(item)
-  tickets = tickets + n
-  amount = amount + n * tonumber(z[3])
-end
-if #taken > 0 then return fail('seats_unavailable', { seats = taken }) end
-
 local limit = tonumber(meta[3])
-local current = tonumber(redis.call('HGET', prefix .. 'customers', customer_id) or '0')
-if current + tickets > limit then
-  return fail('limit_exceeded', { limit = limit, current = current, requested = tickets })
+local function check()
+  local tickets, amount = 0, 0
+  local taken = {}
+  for _, item in ipairs(items) do
+    local zkey = prefix .. 'zone:' .. item.zone_id
+    local z = redis.call('HMGET', zkey, 'kind', 'available', 'price_cents')
+    if not z[1] then return false, fail('zone_not_found', { zone_id = item.zone_id }), false end
+    if item.seats then
+      if z[1] ~= 'seated' then return false, fail('invalid_item', { zone_id = item.zone_id, reason = 'general-admission zone: give quantity, not seats' }), false end
+      local skey = prefix .. 'seats:' .. item.zone_id
+      local unknown = {}
+      for _, seat in ipairs(item.seats) do
+        if not redis.call('ZSCORE', skey, seat) then unknown[#unknown + 1] = seat end
+      end
+      if #unknown > 0 then return false, fail('unknown_seats', { zone_id = item.zone_id, seats = unknown }), false end
+      local owners = redis.call('HMGET', prefix .. 'owner:' .. item.zone_id, unpack(item.seats))
+      for i, seat in ipairs(item.seats) do
+        if owners[i] then taken[#taken + 1] = { zone_id = item.zone_id, seat = seat } end
+      end
+    else
+      if z[1] ~= 'ga' then return false, fail('invalid_item', { zone_id = item.zone_id, reason = 'seated zone: give seats, not quantity' }), false end
+      local available = tonumber(z[2])
+      if item.quantity > available then
+        return false, fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available }), true
+      end
+    end
+    local n = item_count(item)
+    tickets = tickets + n
+    amount = amount + n * tonumber(z[3])
+  end
+  if #taken > 0 then return false, fail('seats_unavailable', { seats = taken }), true end
+  local current = tonumber(redis.call('HGET', prefix .. 'customers', customer_id) or '0')
+  if current + tickets > limit then
+    return false, fail('limit_exceeded', { limit = limit, current = current, requested = tickets }), true
+  end
+  return true, tickets, amount
 end
+
+-- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
+-- expires many holds in the same millisecond): while one could change the answer, reap another batch.
+local fits, result, extra = check()
+while not fits and extra and reap(prefix, now, tonumber(ARGV[9]), retention) > 0 do
+  fits, result, extra = check()
+end
+if not fits then return result end
+local tickets, amount = result, extra
 
 -- Write.
 local owner = 'h:' .. hold_id

@@ -224,3 +224,21 @@ async def test_scripts_survive_redis_forgetting_them(settings):
         assert len({h["hold_id"] for h, _ in results}) == 20  # a batch in one pipeline
         assert (await zones(inv, eid))["ga"]["held"] == 21
         await client.aclose()
+
+
+async def test_expired_holds_beyond_one_reap_batch_never_refuse_a_buyer(any_redis):
+    """Holds of a flash sale expire in the same millisecond; more of them than one reap batch must not
+    make the next buyer see sold_out / seats_unavailable / limit_exceeded."""
+    s = Settings(redis_url="redis://unused", database_url="postgresql://unused", reap_batch=1)
+    inv = Inventory(any_redis, s)
+    eid = new_event_id("batch")
+    await inv.load_event(spec(eid, ga=3, seats=3, per_customer=4))
+    for i, seat in enumerate(["A1", "A2", "A3"]):
+        await inv.hold(eid, req(customer="same", ttl=1, ga=1, seats=[seat]) if i == 0 else
+                       req(customer="same", ttl=1, ga=1))
+    await asyncio.sleep(1.05)
+    hold, _ = await inv.hold(eid, req(customer="other", ga=3, seats=["A1"]))  # all 3 GA back, seat free
+    assert hold["tickets"] == 4
+    await inv.hold(eid, req(customer="same", seats=["A2", "A3"]))  # the limit counts no expired holds
+    await zones(inv, eid)
+    await inv.unload_event(eid)
