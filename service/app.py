@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -88,7 +89,10 @@ async def _check_wait_aof(client: aioredis.Redis, settings: Settings) -> None:
 async def _domain_error(request: Request, exc: Exception) -> JSON:
     assert isinstance(exc, DomainError)
     metrics.REJECTIONS.labels(exc.code).inc()
-    return error_response(exc)
+    headers = None
+    if exc.code == "unavailable":
+        headers = {"Retry-After": str(request.app.state.settings.redis_retry_after_seconds)}
+    return error_response(exc, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSON:
@@ -108,6 +112,15 @@ async def _unavailable(request: Request, exc: Exception) -> JSON:
         DomainError("unavailable", details={"store": store}),
         headers={"Retry-After": str(settings.redis_retry_after_seconds)},
     )
+
+
+async def _redis_refused(request: Request, exc: Exception) -> JSON:
+    """Redis answered but refused for now: BUSY running a script, OOM, a read-only replica after failover.
+    Nothing was written (https://redis.io/docs/latest/develop/reference/protocol-spec/#simple-errors): 503."""
+    text = str(exc)
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError) or text.startswith(("BUSY", "LOADING", "TRYAGAIN")):
+        return await _unavailable(request, RedisConnectionError(text))
+    return await _internal(request, exc)
 
 
 async def _internal(request: Request, exc: Exception) -> JSON:
@@ -141,8 +154,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await client.aclose()
 
     unavailable = (RedisConnectionError, RedisTimeoutError, OSError, asyncpg.PostgresConnectionError,
-                   asyncpg.InterfaceError, asyncpg.CannotConnectNowError, TimeoutError)
-    handlers = {DomainError: _domain_error, HTTPException: _http_error, Exception: _internal}
+                   asyncpg.InterfaceError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+                   asyncpg.exceptions.OperatorInterventionError, TimeoutError)
+    handlers = {DomainError: _domain_error, HTTPException: _http_error, ResponseError: _redis_refused,
+                Exception: _internal}
     handlers.update({cls: _unavailable for cls in unavailable})
     templates = {route.endpoint: route.path for route in ROUTES}
     app = Starlette(

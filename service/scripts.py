@@ -83,14 +83,17 @@ class ScriptRunner:
                 results = await pipe.execute(raise_on_error=False)
             for (script, keys, args, fut), result in zip(batch, results, strict=True):
                 if isinstance(result, NoScriptError):
-                    result = await script(keys=keys, args=args)  # loads it, then EVALSHA again
+                    try:
+                        result = await script(keys=keys, args=args)  # loads it, then EVALSHA again
+                    except Exception as exc:  # this call's failure only: the others' results stand
+                        result = exc
                 if fut.done():
                     continue
                 if isinstance(result, Exception):
                     fut.set_exception(result)
                 else:
                     fut.set_result(result)
-        except Exception as exc:  # connection lost, pool exhausted...: every caller sees it
+        except Exception as exc:  # the pipeline itself failed (connection lost, pool exhausted): nobody has a result
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
