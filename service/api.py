@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -115,7 +116,7 @@ async def seats(request: Request) -> JSON:
     if status not in ("", "available", "held", "sold"):
         raise validation_failed("status", "one of available, held, sold")
     raw_limit = q.get("limit", "500")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+    if not re.fullmatch(r"[0-9]{1,4}", raw_limit) or not 1 <= int(raw_limit) <= 1000:
         raise validation_failed("limit", "an integer from 1 to 1000")
     after = q.get("after", "").strip().upper()
     page = await request.app.state.inventory.seat_page(event_id, zone_id, status, after, int(raw_limit))

@@ -29,6 +29,8 @@ async def insert_event(conn: asyncpg.Connection, spec: EventSpec) -> None:
         )
     except asyncpg.UniqueViolationError:
         raise DomainError("event_exists", details={"event_id": spec.event_id}) from None
+    except asyncpg.DataError as exc:  # a value PostgreSQL cannot store, that validation let through
+        raise DomainError("validation_failed", details={"errors": [{"field": "body", "message": str(exc)}]}) from None
     await conn.executemany(
         "INSERT INTO zones (event_id, zone_id, position, kind, capacity, price_cents) VALUES ($1, $2, $3, $4, $5, $6)",
         [(spec.event_id, z.zone_id, i, z.kind, z.capacity, z.price_cents) for i, z in enumerate(spec.zones)],

@@ -28,6 +28,11 @@ EVENT_ON_SALE, EVENT_PAUSED = "on_sale", "paused"
 
 MAX_HOLD_TTL_SECONDS = 3600
 MAX_SEATS_PER_ZONE = 200_000
+MAX_PRICE_CENTS = 1_000_000_000
+"""10 million a ticket. With at most 1,000 tickets a customer, every amount stays below 1e14, which the
+scripts' cjson encodes exactly (it prints 14 significant digits; a larger amount would be rounded)."""
+NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
+"""No control characters: PostgreSQL text cannot hold NUL, and nothing else is meant to be there."""
 
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 """Event and zone ids: 1-64 of letters, digits, '.', '_', '-' (no braces: they would break the hash tag)."""
@@ -62,7 +67,7 @@ class _Strict(BaseModel):
 class ZoneSpec(_Strict):
     zone_id: Ident
     kind: Literal["ga", "seated"]
-    price_cents: int = Field(ge=0)
+    price_cents: int = Field(ge=0, le=MAX_PRICE_CENTS)
     capacity: int | None = Field(default=None, ge=1, le=10_000_000)
     seats: list[str] | None = None
     rows: dict[str, int] | None = None
@@ -100,7 +105,7 @@ class EventSpec(_Strict):
     """``POST /v1/events`` body; ``zones`` in catalog order."""
 
     event_id: Ident
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NO_CONTROL)
     starts_at: datetime
     hold_ttl_seconds: int = Field(default=600, ge=1, le=MAX_HOLD_TTL_SECONDS)
     max_tickets_per_customer: int = Field(default=10, ge=1, le=1000)
@@ -122,7 +127,7 @@ class EventSpec(_Strict):
 
 class HoldItem(_Strict):
     zone_id: Ident
-    quantity: int | None = Field(default=None, ge=1, le=1000)
+    quantity: int | None = Field(default=None, ge=1, le=1000, strict=True)
     seats: list[str] | None = Field(default=None, min_length=1, max_length=1000)
 
     @model_validator(mode="after")
@@ -161,7 +166,7 @@ class HoldRequest(_Strict):
 
 
 class ConfirmRequest(_Strict):
-    payment_ref: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    payment_ref: str = Field(min_length=1, max_length=200, pattern=NO_CONTROL)
 
 
 def iso_ms(ms: int | None) -> str | None:

@@ -174,7 +174,7 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "event_id": {"type": "string", "pattern": ID_PATTERN},
-            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[^\x00-\x1f\x7f]+$"},
             "starts_at": {
                 "type": "string",
                 "format": "date-time",
@@ -210,7 +210,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "zone_id": {"type": "string", "pattern": ID_PATTERN},
             "kind": {"type": "string", "enum": ["ga", "seated"]},
-            "price_cents": {"type": "integer", "minimum": 0},
+            "price_cents": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
             "capacity": {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000_000},
             "seats": {"type": ["array", "null"], "items": {"type": "string"}},
             "rows": {

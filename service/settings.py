@@ -53,10 +53,10 @@ class Settings(BaseSettings):
     pg_pool_max: int = 5
 
     # Sale rules
-    idempotency_ttl_seconds: int = 86400
-    hold_retention_seconds: int = 86400
+    idempotency_ttl_seconds: int = Field(default=86400, ge=1)
+    hold_retention_seconds: int = Field(default=86400, ge=1)
     """How long a hold record stays in Redis after it ends (confirmed, released, expired)."""
-    reap_batch: int = 200
+    reap_batch: int = Field(default=200, ge=1)
     """Most expired holds one script call reaps (the sweeper loops for the rest)."""
     sweeper_interval_seconds: float = 0.25
 

@@ -271,3 +271,15 @@ async def test_chunked_body_over_the_limit_is_413(client):
 
     r = await client.post("/v1/events", content=chunks(), headers=ADMIN)
     err(r, 413, "payload_too_large")
+
+
+async def test_values_the_stores_cannot_hold_exactly_are_422(client, make_event):
+    """Found by review: these were rounded (cjson prints 14 digits) or reached PostgreSQL as a 500."""
+    big = event_body(zones=[{"zone_id": "z", "kind": "ga", "capacity": 1, "price_cents": 123456789012345}])
+    err(await client.post("/v1/events", json=big, headers=ADMIN), 422, "validation_failed")
+    err(await client.post("/v1/events", json=event_body(name="Eras\x00Tour"), headers=ADMIN), 422,
+        "validation_failed")
+    eid = (await make_event())["event_id"]
+    err(await hold(client, eid, items=[{"zone_id": "floor", "quantity": True}]), 422, "validation_failed")
+    r = await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"limit": "²"})
+    err(r, 422, "validation_failed")
