@@ -85,13 +85,20 @@ class Inventory:
         """
         args = [hold_id, new_id("o"), payment_ref, *self._common()]
         data = _reply(await self.runner.run("confirm", [keys.meta(event_id)], args))
-        if data["created"] and self.settings.wait_aof:
+        if self.settings.wait_aof:  # a repeat too: the first reply may have been lost before its fsync
             await self._wait_aof()
         return data["order"], data["created"]
 
     async def _wait_aof(self) -> None:
-        """WAITAOF 1 0 (Redis >= 7.2, https://redis.io/commands/waitaof/): block until the local AOF is fsynced."""
-        await self.client.execute_command("WAITAOF", 1, 0, self.settings.wait_aof_timeout_ms)
+        """WAITAOF 1 0 (Redis >= 7.2, https://redis.io/commands/waitaof/): block until the local AOF is fsynced.
+
+        Raises DomainError(unavailable) if the fsync did not happen within ``wait_aof_timeout_ms``: the order
+        is confirmed in Redis, and the client's retry (confirm is idempotent) waits for the fsync again.
+        """
+        local, _ = await self.client.execute_command("WAITAOF", 1, 0, self.settings.wait_aof_timeout_ms)
+        if int(local) < 1:
+            raise DomainError("unavailable", message="The order is not yet durable; retry the confirm.",
+                              details={"store": "redis", "reason": "aof_fsync_timeout"})
 
     async def release(self, event_id: str, hold_id: str) -> str:
         """Release a hold; returns "released" (or "expired" if it had expired). Raises hold_confirmed, hold_not_found."""
@@ -129,7 +136,12 @@ class Inventory:
         hold_id = await self.client.get(keys.order(event_id, order_id))
         if hold_id is None:
             return None
-        h = await self.get_hold(event_id, hold_id.decode() if isinstance(hold_id, bytes) else hold_id)
+        try:
+            h = await self.get_hold(event_id, hold_id.decode() if isinstance(hold_id, bytes) else hold_id)
+        except DomainError as err:
+            if err.code == "hold_not_found":  # expired from Redis between the two reads
+                return None
+            raise
         return {
             "order_id": order_id, "event_id": event_id, "hold_id": h["hold_id"], "customer_id": h["customer_id"],
             "items": h["items"], "amount_cents": h["amount_cents"], "payment_ref": h.get("payment_ref"),
