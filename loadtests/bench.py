@@ -57,8 +57,6 @@ SEATS = 2000
 ROUTES = ("healthz", "holds", "confirm", "availability", "seats")
 
 
-
-
 def boxoffice(*args: str, env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
     """Start ``boxoffice ARGS`` (``python -m service.cli``) in its own process group, output to ``log_path``."""
     out = log_path.open("ab") if log_path else subprocess.DEVNULL

@@ -33,9 +33,15 @@ def _hold_id(request: Request) -> str:
 
 def hold_view(event_id: str, h: dict[str, Any]) -> dict[str, Any]:
     out = {
-        "hold_id": h["hold_id"], "event_id": event_id, "customer_id": h["customer_id"], "status": h["status"],
-        "items": h["items"], "tickets": h["tickets"], "amount_cents": h["amount_cents"],
-        "created_at": iso_ms(h["created_at_ms"]), "expires_at": iso_ms(h["expires_at_ms"]),
+        "hold_id": h["hold_id"],
+        "event_id": event_id,
+        "customer_id": h["customer_id"],
+        "status": h["status"],
+        "items": h["items"],
+        "tickets": h["tickets"],
+        "amount_cents": h["amount_cents"],
+        "created_at": iso_ms(h["created_at_ms"]),
+        "expires_at": iso_ms(h["expires_at_ms"]),
     }
     if h.get("order_id"):
         out["order_id"] = h["order_id"]
@@ -44,9 +50,14 @@ def hold_view(event_id: str, h: dict[str, Any]) -> dict[str, Any]:
 
 def order_view(o: dict[str, Any], *, persisted: bool | None = None) -> dict[str, Any]:
     out = {
-        "order_id": o["order_id"], "event_id": o["event_id"], "hold_id": o["hold_id"],
-        "customer_id": o["customer_id"], "status": "confirmed", "items": o["items"],
-        "amount_cents": o["amount_cents"], "payment_ref": o["payment_ref"],
+        "order_id": o["order_id"],
+        "event_id": o["event_id"],
+        "hold_id": o["hold_id"],
+        "customer_id": o["customer_id"],
+        "status": "confirmed",
+        "items": o["items"],
+        "amount_cents": o["amount_cents"],
+        "payment_ref": o["payment_ref"],
         "confirmed_at": iso_ms(o["confirmed_at_ms"]),
     }
     if persisted is not None:
@@ -57,8 +68,11 @@ def order_view(o: dict[str, Any], *, persisted: bool | None = None) -> dict[str,
 
 def event_view(spec: EventSpec, status: str) -> dict[str, Any]:
     return {
-        "event_id": spec.event_id, "name": spec.name, "starts_at": spec.starts_at.isoformat().replace("+00:00", "Z"),
-        "hold_ttl_seconds": spec.hold_ttl_seconds, "max_tickets_per_customer": spec.max_tickets_per_customer,
+        "event_id": spec.event_id,
+        "name": spec.name,
+        "starts_at": spec.starts_at.isoformat().replace("+00:00", "Z"),
+        "hold_ttl_seconds": spec.hold_ttl_seconds,
+        "max_tickets_per_customer": spec.max_tickets_per_customer,
         "status": status,
         "zones": [
             {"zone_id": z.zone_id, "kind": z.kind, "capacity": z.capacity, "price_cents": z.price_cents}
@@ -68,6 +82,7 @@ def event_view(spec: EventSpec, status: str) -> dict[str, Any]:
 
 
 # Catalog (admin) ---------------------------------------------------------------------------------
+
 
 async def create_event(request: Request) -> JSON:
     require_admin(request)
@@ -101,10 +116,13 @@ async def resume_event(request: Request) -> JSON:
 
 # Buying (public) ---------------------------------------------------------------------------------
 
+
 async def availability(request: Request) -> JSON:
     event_id = _event_id(request)
     data = await request.app.state.inventory.availability(event_id)
-    zones = [{k: z[k] for k in ("zone_id", "kind", "capacity", "available", "held", "sold")} for z in data["zones"]]
+    zones = [
+        {k: z[k] for k in ("zone_id", "kind", "capacity", "available", "held", "sold")} for z in data["zones"]
+    ]
     return JSON({"event_id": event_id, "status": data["status"], "zones": zones})
 
 
@@ -177,6 +195,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 # Health ------------------------------------------------------------------------------------------
+
 
 async def healthz(request: Request) -> JSON:
     return JSON({"status": "ok"})

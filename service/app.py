@@ -62,14 +62,21 @@ def redis_client(url: str, settings: Settings) -> aioredis.Redis:
         from redis.asyncio.cluster import RedisCluster
 
         return RedisCluster.from_url(
-            url, max_connections=settings.redis_max_connections, socket_timeout=settings.redis_socket_timeout_seconds,
-            socket_connect_timeout=2, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            url,
+            max_connections=settings.redis_max_connections,
+            socket_timeout=settings.redis_socket_timeout_seconds,
+            socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         )
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=settings.redis_socket_timeout_seconds,
-        socket_timeout=settings.redis_socket_timeout_seconds, socket_connect_timeout=2,
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_socket_timeout_seconds,
+        socket_timeout=settings.redis_socket_timeout_seconds,
+        socket_connect_timeout=2,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=30,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -81,8 +88,10 @@ async def _check_wait_aof(client: aioredis.Redis, settings: Settings) -> None:
         return
     version = (await client.info("server"))["redis_version"]
     if tuple(int(p) for p in version.split(".")[:2]) < (7, 2):
-        log.warning("BOXOFFICE_WAIT_AOF needs Redis >= 7.2, this server is %s: confirms will not wait for fsync",
-                    version)
+        log.warning(
+            "BOXOFFICE_WAIT_AOF needs Redis >= 7.2, this server is %s: confirms will not wait for fsync",
+            version,
+        )
         settings.wait_aof = False
 
 
@@ -99,7 +108,10 @@ async def _http_error(request: Request, exc: Exception) -> JSON:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     if code is None:
-        return JSON({"error": {"code": "http_error", "message": exc.detail, "details": {}}}, status_code=exc.status_code)
+        return JSON(
+            {"error": {"code": "http_error", "message": exc.detail, "details": {}}},
+            status_code=exc.status_code,
+        )
     headers = dict(exc.headers) if exc.headers else None
     return error_response(DomainError(code), headers=headers)
 
@@ -136,7 +148,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not settings.redis_url or not settings.database_url:
-            raise RuntimeError("REDIS_URL and DATABASE_URL must be set (boxoffice serve chooses them for you)")
+            raise RuntimeError(
+                "REDIS_URL and DATABASE_URL must be set (boxoffice serve chooses them for you)"
+            )
         client = redis_client(settings.redis_url, settings)
         app.state.inventory = Inventory(client, settings)
         app.state.pg = await db.create_pool(
@@ -153,15 +167,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await app.state.pg.close()
             await client.aclose()
 
-    unavailable = (RedisConnectionError, RedisTimeoutError, OSError, asyncpg.PostgresConnectionError,
-                   asyncpg.InterfaceError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
-                   asyncpg.exceptions.OperatorInterventionError, TimeoutError)
-    handlers = {DomainError: _domain_error, HTTPException: _http_error, ResponseError: _redis_refused,
-                Exception: _internal}
+    unavailable = (
+        RedisConnectionError,
+        RedisTimeoutError,
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.exceptions.OperatorInterventionError,
+        TimeoutError,
+    )
+    handlers = {
+        DomainError: _domain_error,
+        HTTPException: _http_error,
+        ResponseError: _redis_refused,
+        Exception: _internal,
+    }
     handlers.update({cls: _unavailable for cls in unavailable})
     templates = {route.endpoint: route.path for route in ROUTES}
     app = Starlette(
-        routes=ROUTES, lifespan=lifespan, exception_handlers=handlers,
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers=handlers,
         middleware=[Middleware(RequestContext, templates=templates)],
     )
     app.state.settings = settings

@@ -31,6 +31,7 @@ async def create_event(pool: asyncpg.Pool, inventory: Inventory, spec: EventSpec
             await inventory.unload_event(spec.event_id)
         raise
 
+
 async def set_status(pool: asyncpg.Pool, inventory: Inventory, event_id: str, status: str) -> None:
     """Pause or resume new holds: Redis first (takes effect at once), then the record. Raises event_not_found."""
     await inventory.set_status(event_id, status)

@@ -16,7 +16,9 @@ import typer
 
 from service.settings import Settings, get_settings
 
-app = typer.Typer(help="boxoffice: flash-sale ticketing (Redis holds, PostgreSQL orders).", no_args_is_help=True)
+app = typer.Typer(
+    help="boxoffice: flash-sale ticketing (Redis holds, PostgreSQL orders).", no_args_is_help=True
+)
 event_app = typer.Typer(help="Create and inspect events.", no_args_is_help=True)
 app.add_typer(event_app, name="event")
 
@@ -50,7 +52,9 @@ def serve(
     workers: int = typer.Option(None, help="uvicorn worker processes (default BOXOFFICE_WEB_WORKERS)."),
     host: str = typer.Option(None, help="Address to bind (default BOXOFFICE_HOST)."),
     port: int = typer.Option(None, help="Port (default BOXOFFICE_PORT)."),
-    migrate_first: bool = typer.Option(True, "--migrate/--no-migrate", help="Apply pending migrations first."),
+    migrate_first: bool = typer.Option(
+        True, "--migrate/--no-migrate", help="Apply pending migrations first."
+    ),
 ) -> None:
     """Serve the JSON API with uvicorn (several worker processes, one Redis pool each)."""
     import tempfile
@@ -65,9 +69,15 @@ def serve(
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="boxoffice-metrics-")
     uvicorn.run(
-        "service.app:create_app", factory=True, host=host or settings.host, port=port or settings.port,
-        workers=workers or settings.web_workers, log_level=settings.log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=10, timeout_keep_alive=settings.keep_alive_seconds,
+        "service.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers or settings.web_workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.keep_alive_seconds,
     )
 
 
@@ -99,7 +109,9 @@ def dev() -> None:
 @app.command()
 def reconcile(
     event: str = typer.Option(None, "--event", help="Only this event (default: every event)."),
-    repair: bool = typer.Option(False, "--repair", help="Fix what is safe to fix (pauses the event meanwhile)."),
+    repair: bool = typer.Option(
+        False, "--repair", help="Fix what is safe to fix (pauses the event meanwhile)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Compare Redis with PostgreSQL; exit 1 if anything drifts."""
@@ -142,11 +154,16 @@ def bench(
     """Run the bounded loopback benchmark and print the report (see loadtests/RESULTS.md)."""
     from loadtests.bench import run_cli
 
-    _exit(run_cli(
-        resolve_settings(), duration_seconds=duration, runs=runs,
-        clients=[int(c) for c in clients.split(",") if c.strip()],
-        modes=[m.strip() == "on" for m in modes.split(",") if m.strip()], json_path=json_path,
-    ))
+    _exit(
+        run_cli(
+            resolve_settings(),
+            duration_seconds=duration,
+            runs=runs,
+            clients=[int(c) for c in clients.split(",") if c.strip()],
+            modes=[m.strip() == "on" for m in modes.split(",") if m.strip()],
+            json_path=json_path,
+        )
+    )
 
 
 def _event_call(coro_fn, *args):
@@ -169,7 +186,9 @@ def _event_call(coro_fn, *args):
 
 
 @event_app.command("create")
-def event_create(file: Path = typer.Argument(..., exists=True, help="Event JSON, as POST /v1/events takes.")) -> None:
+def event_create(
+    file: Path = typer.Argument(..., exists=True, help="Event JSON, as POST /v1/events takes."),
+) -> None:
     """Create an event (PostgreSQL and Redis) from a JSON file."""
     import orjson
 

@@ -25,19 +25,27 @@ async def insert_event(conn: asyncpg.Connection, spec: EventSpec) -> None:
         await conn.execute(
             "INSERT INTO events (event_id, name, starts_at, hold_ttl_seconds, max_tickets_per_customer)"
             " VALUES ($1, $2, $3, $4, $5)",
-            spec.event_id, spec.name, spec.starts_at, spec.hold_ttl_seconds, spec.max_tickets_per_customer,
+            spec.event_id,
+            spec.name,
+            spec.starts_at,
+            spec.hold_ttl_seconds,
+            spec.max_tickets_per_customer,
         )
     except asyncpg.UniqueViolationError:
         raise DomainError("event_exists", details={"event_id": spec.event_id}) from None
     except asyncpg.DataError as exc:  # a value PostgreSQL cannot store, that validation let through
-        raise DomainError("validation_failed", details={"errors": [{"field": "body", "message": str(exc)}]}) from None
+        raise DomainError(
+            "validation_failed", details={"errors": [{"field": "body", "message": str(exc)}]}
+        ) from None
     await conn.executemany(
         "INSERT INTO zones (event_id, zone_id, position, kind, capacity, price_cents) VALUES ($1, $2, $3, $4, $5, $6)",
         [(spec.event_id, z.zone_id, i, z.kind, z.capacity, z.price_cents) for i, z in enumerate(spec.zones)],
     )
     rows = [(spec.event_id, z.zone_id, s, i) for z in spec.zones if z.seats for i, s in enumerate(z.seats)]
     if rows:
-        await conn.copy_records_to_table("seats", records=rows, columns=["event_id", "zone_id", "seat", "position"])
+        await conn.copy_records_to_table(
+            "seats", records=rows, columns=["event_id", "zone_id", "seat", "position"]
+        )
 
 
 async def set_status(pool: asyncpg.Pool, event_id: str, status: str) -> None:
@@ -65,14 +73,21 @@ async def get_event(pool: asyncpg.Pool, event_id: str, *, with_seats: bool = Fal
             seats.setdefault(r["zone_id"], []).append(r["seat"])
     zone_specs = [
         ZoneSpec.model_construct(
-            zone_id=z["zone_id"], kind=z["kind"], capacity=z["capacity"], price_cents=z["price_cents"],
-            seats=seats.get(z["zone_id"], []) if z["kind"] == "seated" else None, rows=None,
+            zone_id=z["zone_id"],
+            kind=z["kind"],
+            capacity=z["capacity"],
+            price_cents=z["price_cents"],
+            seats=seats.get(z["zone_id"], []) if z["kind"] == "seated" else None,
+            rows=None,
         )
         for z in zones
     ]
     spec = EventSpec.model_construct(
-        event_id=ev["event_id"], name=ev["name"], starts_at=ev["starts_at"],
-        hold_ttl_seconds=ev["hold_ttl_seconds"], max_tickets_per_customer=ev["max_tickets_per_customer"],
+        event_id=ev["event_id"],
+        name=ev["name"],
+        starts_at=ev["starts_at"],
+        hold_ttl_seconds=ev["hold_ttl_seconds"],
+        max_tickets_per_customer=ev["max_tickets_per_customer"],
         zones=zone_specs,
     )
     return spec, ev["status"]
@@ -81,7 +96,8 @@ async def get_event(pool: asyncpg.Pool, event_id: str, *, with_seats: bool = Fal
 async def sold_by_zone(pool: asyncpg.Pool, event_id: str) -> dict[str, int]:
     """zone_id -> tickets sold according to the order items (not the zones.sold counter)."""
     rows = await pool.fetch(
-        "SELECT zone_id, sum(quantity)::int AS sold FROM order_items WHERE event_id = $1 GROUP BY zone_id", event_id
+        "SELECT zone_id, sum(quantity)::int AS sold FROM order_items WHERE event_id = $1 GROUP BY zone_id",
+        event_id,
     )
     return {r["zone_id"]: r["sold"] for r in rows}
 
@@ -100,7 +116,8 @@ async def tickets_by_customer(pool: asyncpg.Pool, event_id: str) -> dict[str, in
     """customer_id -> tickets in persisted orders (what max_tickets_per_customer counts besides active holds)."""
     rows = await pool.fetch(
         "SELECT o.customer_id, sum(i.quantity)::int AS tickets FROM orders o JOIN order_items i USING (order_id)"
-        " WHERE o.event_id = $1 GROUP BY o.customer_id", event_id,
+        " WHERE o.event_id = $1 GROUP BY o.customer_id",
+        event_id,
     )
     return {r["customer_id"]: r["tickets"] for r in rows}
 
@@ -115,15 +132,22 @@ async def get_order(pool: asyncpg.Pool, event_id: str, order_id: str) -> dict[st
     if o is None:
         return None
     items: dict[str, dict[str, Any]] = {}
-    for r in await pool.fetch("SELECT zone_id, seat, quantity FROM order_items WHERE order_id = $1", order_id):
+    for r in await pool.fetch(
+        "SELECT zone_id, seat, quantity FROM order_items WHERE order_id = $1", order_id
+    ):
         item = items.setdefault(r["zone_id"], {"zone_id": r["zone_id"]})
         if r["seat"] is None:
             item["quantity"] = item.get("quantity", 0) + r["quantity"]
         else:
             item.setdefault("seats", []).append(r["seat"])
     return {
-        "order_id": o["order_id"], "event_id": o["event_id"], "hold_id": o["hold_id"],
-        "customer_id": o["customer_id"], "items": list(items.values()), "amount_cents": o["amount_cents"],
-        "payment_ref": o["payment_ref"], "confirmed_at_ms": _ms(o["confirmed_at"]),
+        "order_id": o["order_id"],
+        "event_id": o["event_id"],
+        "hold_id": o["hold_id"],
+        "customer_id": o["customer_id"],
+        "items": list(items.values()),
+        "amount_cents": o["amount_cents"],
+        "payment_ref": o["payment_ref"],
+        "confirmed_at_ms": _ms(o["confirmed_at"]),
         "persisted_at_ms": _ms(o["persisted_at"]),
     }

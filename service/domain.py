@@ -22,7 +22,12 @@ from service.errors import DomainError
 # Hold state machine: active -> confirmed | released | expired; nothing leaves a terminal state.
 HOLD_ACTIVE = "active"
 HOLD_STATES = ("active", "confirmed", "released", "expired")
-HOLD_TRANSITIONS = {"active": {"confirmed", "released", "expired"}, "confirmed": set(), "released": set(), "expired": set()}
+HOLD_TRANSITIONS = {
+    "active": {"confirmed", "released", "expired"},
+    "confirmed": set(),
+    "released": set(),
+    "expired": set(),
+}
 
 EVENT_ON_SALE, EVENT_PAUSED = "on_sale", "paused"
 
@@ -82,9 +87,15 @@ class ZoneSpec(_Strict):
         else:
             if (self.seats is None) == (self.rows is None):
                 raise ValueError("a seated zone needs exactly one of seats or rows")
-            labels = self.seats if self.seats is not None else [
-                f"{row}{n}" for row, count in self.rows.items() for n in range(1, _row_count(row, count) + 1)
-            ]
+            labels = (
+                self.seats
+                if self.seats is not None
+                else [
+                    f"{row}{n}"
+                    for row, count in self.rows.items()
+                    for n in range(1, _row_count(row, count) + 1)
+                ]
+            )
             self.seats = _normalize_unique(labels)
             self.rows = None
             if not self.seats or len(self.seats) > MAX_SEATS_PER_ZONE:

@@ -52,4 +52,6 @@ class DomainError(Exception):
 
 def validation_failed(field: str, problem: str, **extra: Any) -> DomainError:
     """A 422 naming one field, in the same shape as pydantic's per-field errors."""
-    return DomainError("validation_failed", details={"errors": [{"field": field, "message": problem, **extra}]})
+    return DomainError(
+        "validation_failed", details={"errors": [{"field": field, "message": problem, **extra}]}
+    )

@@ -71,9 +71,14 @@ class Inventory:
         """
         items = orjson.dumps([i.as_script_item() for i in req.items])
         args = [
-            new_id("h"), req.customer_id, req.ttl_seconds or 0, items, idempotency_key,
+            new_id("h"),
+            req.customer_id,
+            req.ttl_seconds or 0,
+            items,
+            idempotency_key,
             req.body_sha256() if idempotency_key else "",
-            self.settings.idempotency_ttl_seconds, *self._common(),
+            self.settings.idempotency_ttl_seconds,
+            *self._common(),
         ]
         data = _reply(await self.runner.run("hold", [keys.meta(event_id)], args))
         return data["hold"], data["replay"]
@@ -97,8 +102,11 @@ class Inventory:
         """
         local, _ = await self.client.execute_command("WAITAOF", 1, 0, self.settings.wait_aof_timeout_ms)
         if int(local) < 1:
-            raise DomainError("unavailable", message="The order is not yet durable; retry the confirm.",
-                              details={"store": "redis", "reason": "aof_fsync_timeout"})
+            raise DomainError(
+                "unavailable",
+                message="The order is not yet durable; retry the confirm.",
+                details={"store": "redis", "reason": "aof_fsync_timeout"},
+            )
 
     async def release(self, event_id: str, hold_id: str) -> str:
         """Release a hold; returns "released" (or "expired" if it had expired). Raises hold_confirmed, hold_not_found."""
@@ -143,8 +151,13 @@ class Inventory:
                 return None
             raise
         return {
-            "order_id": order_id, "event_id": event_id, "hold_id": h["hold_id"], "customer_id": h["customer_id"],
-            "items": h["items"], "amount_cents": h["amount_cents"], "payment_ref": h.get("payment_ref"),
+            "order_id": order_id,
+            "event_id": event_id,
+            "hold_id": h["hold_id"],
+            "customer_id": h["customer_id"],
+            "items": h["items"],
+            "amount_cents": h["amount_cents"],
+            "payment_ref": h.get("payment_ref"),
             "confirmed_at_ms": h.get("confirmed_at_ms"),
         }
 
@@ -153,9 +166,15 @@ class Inventory:
     async def event_exists(self, event_id: str) -> bool:
         return bool(await self.client.exists(keys.meta(event_id)))
 
-    async def load_event(self, spec: EventSpec, *, status: str = EVENT_ON_SALE, sold: dict[str, int] | None = None,
-                         sold_seats: dict[str, dict[str, str]] | None = None,
-                         customers: dict[str, int] | None = None) -> None:
+    async def load_event(
+        self,
+        spec: EventSpec,
+        *,
+        status: str = EVENT_ON_SALE,
+        sold: dict[str, int] | None = None,
+        sold_seats: dict[str, dict[str, str]] | None = None,
+        customers: dict[str, int] | None = None,
+    ) -> None:
         """Write an event's catalog into Redis: zones, seat maps, then meta. One MULTI on a single server (all keys
         share a slot); on Redis Cluster, whose redis-py pipeline has no MULTI, a plain pipeline in the same order:
         every script checks meta first, so an event is invisible until its last write lands.
@@ -170,14 +189,23 @@ class Inventory:
             pipe.delete(keys.meta(eid))
             for z in spec.zones:
                 n_sold = sold.get(z.zone_id, 0)
-                pipe.delete(keys.zone(eid, z.zone_id), keys.seats(eid, z.zone_id), keys.owners(eid, z.zone_id))
-                pipe.hset(keys.zone(eid, z.zone_id), mapping={
-                    "kind": z.kind, "capacity": z.capacity, "available": z.capacity - n_sold, "held": 0,
-                    "sold": n_sold, "price_cents": z.price_cents,
-                })
+                pipe.delete(
+                    keys.zone(eid, z.zone_id), keys.seats(eid, z.zone_id), keys.owners(eid, z.zone_id)
+                )
+                pipe.hset(
+                    keys.zone(eid, z.zone_id),
+                    mapping={
+                        "kind": z.kind,
+                        "capacity": z.capacity,
+                        "available": z.capacity - n_sold,
+                        "held": 0,
+                        "sold": n_sold,
+                        "price_cents": z.price_cents,
+                    },
+                )
                 if z.kind == "seated":
                     for start in range(0, len(z.seats), SEAT_LOAD_CHUNK):
-                        chunk = z.seats[start:start + SEAT_LOAD_CHUNK]
+                        chunk = z.seats[start : start + SEAT_LOAD_CHUNK]
                         pipe.zadd(keys.seats(eid, z.zone_id), {s: start + i for i, s in enumerate(chunk)})
                     owners = {s: f"s:{o}" for s, o in sold_seats.get(z.zone_id, {}).items()}
                     if owners:
@@ -185,18 +213,26 @@ class Inventory:
             pipe.delete(keys.customers(eid))
             if customers:
                 pipe.hset(keys.customers(eid), mapping=customers)
-            pipe.hset(keys.meta(eid), mapping={
-                "event_id": eid, "name": spec.name, "starts_at": spec.starts_at.isoformat(),
-                "hold_ttl_seconds": spec.hold_ttl_seconds,
-                "max_tickets_per_customer": spec.max_tickets_per_customer,
-                "status": status, "zones": orjson.dumps([z.zone_id for z in spec.zones]),
-            })
+            pipe.hset(
+                keys.meta(eid),
+                mapping={
+                    "event_id": eid,
+                    "name": spec.name,
+                    "starts_at": spec.starts_at.isoformat(),
+                    "hold_ttl_seconds": spec.hold_ttl_seconds,
+                    "max_tickets_per_customer": spec.max_tickets_per_customer,
+                    "status": status,
+                    "zones": orjson.dumps([z.zone_id for z in spec.zones]),
+                },
+            )
             await pipe.execute()
         await self.client.sadd(keys.EVENTS_KEY, eid)
 
     async def unload_event(self, event_id: str) -> None:
         """Delete every key of an event (SCAN over its hash tag)."""
-        async for key in self.client.scan_iter(match=keys.prefix(event_id).replace("{", "\\{").replace("}", "\\}") + "*", count=1000):
+        async for key in self.client.scan_iter(
+            match=keys.prefix(event_id).replace("{", "\\{").replace("}", "\\}") + "*", count=1000
+        ):
             await self.client.delete(key)
         await self.client.srem(keys.EVENTS_KEY, event_id)
 
@@ -207,4 +243,6 @@ class Inventory:
         await self.client.hset(keys.meta(event_id), "status", status)
 
     async def event_ids(self) -> list[str]:
-        return sorted(m.decode() if isinstance(m, bytes) else m for m in await self.client.smembers(keys.EVENTS_KEY))
+        return sorted(
+            m.decode() if isinstance(m, bytes) else m for m in await self.client.smembers(keys.EVENTS_KEY)
+        )

@@ -20,7 +20,9 @@ from prometheus_client import (
 )
 
 REQUEST_SECONDS = Histogram(
-    "boxoffice_request_seconds", "HTTP request latency by route template.", ["method", "route", "status"],
+    "boxoffice_request_seconds",
+    "HTTP request latency by route template.",
+    ["method", "route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 HOLDS = Counter("boxoffice_holds_total", "Holds created.", ["event_id"])
@@ -28,19 +30,36 @@ CONFIRMS = Counter("boxoffice_confirms_total", "Holds confirmed into orders.", [
 RELEASES = Counter("boxoffice_releases_total", "Holds released by their customer.", ["event_id"])
 EXPIRIES = Counter("boxoffice_expiries_total", "Holds reaped by the sweeper after their TTL.", ["event_id"])
 REJECTIONS = Counter("boxoffice_rejections_total", "Requests refused, by error code.", ["code"])
-ACTIVE_HOLDS = Gauge("boxoffice_active_holds", "Active holds per event.", ["event_id"], multiprocess_mode="mostrecent")
-OUTBOX_LENGTH = Gauge("boxoffice_outbox_length", "Entries in the event's outbox stream.", ["event_id"],
-                      multiprocess_mode="mostrecent")
-OUTBOX_PENDING = Gauge("boxoffice_outbox_pending", "Outbox entries delivered but not acked.", ["event_id"],
-                       multiprocess_mode="mostrecent")
+ACTIVE_HOLDS = Gauge(
+    "boxoffice_active_holds", "Active holds per event.", ["event_id"], multiprocess_mode="mostrecent"
+)
+OUTBOX_LENGTH = Gauge(
+    "boxoffice_outbox_length",
+    "Entries in the event's outbox stream.",
+    ["event_id"],
+    multiprocess_mode="mostrecent",
+)
+OUTBOX_PENDING = Gauge(
+    "boxoffice_outbox_pending",
+    "Outbox entries delivered but not acked.",
+    ["event_id"],
+    multiprocess_mode="mostrecent",
+)
 PERSISTED = Counter("boxoffice_orders_persisted_total", "Orders written through to PostgreSQL.", ["event_id"])
 WRITE_LAG_SECONDS = Histogram(
-    "boxoffice_write_through_lag_seconds", "Time from confirm (Redis TIME) to the PostgreSQL commit.",
+    "boxoffice_write_through_lag_seconds",
+    "Time from confirm (Redis TIME) to the PostgreSQL commit.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-DEAD_LETTERS = Counter("boxoffice_dead_letters_total", "Outbox entries PostgreSQL refused (backstop).", ["event_id"])
-DRIFT = Gauge("boxoffice_reconcile_drift", "Drift found by the last reconciliation, by kind.",
-              ["event_id", "kind"], multiprocess_mode="mostrecent")
+DEAD_LETTERS = Counter(
+    "boxoffice_dead_letters_total", "Outbox entries PostgreSQL refused (backstop).", ["event_id"]
+)
+DRIFT = Gauge(
+    "boxoffice_reconcile_drift",
+    "Drift found by the last reconciliation, by kind.",
+    ["event_id", "kind"],
+    multiprocess_mode="mostrecent",
+)
 
 
 def render() -> tuple[bytes, str]:

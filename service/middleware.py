@@ -49,5 +49,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             route = self.templates.get(scope.get("endpoint"), "unmatched")
-            metrics.REQUEST_SECONDS.labels(scope["method"], route, str(status)).observe(time.perf_counter() - started)
+            metrics.REQUEST_SECONDS.labels(scope["method"], route, str(status)).observe(
+                time.perf_counter() - started
+            )
             request_id.reset(token)

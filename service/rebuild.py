@@ -112,7 +112,9 @@ async def rebuild_event(
     await inventory.unload_event(event_id)
 
     step(4, f"loading {sum(len(z.seats or []) for z in spec.zones):,} seats into Redis")
-    await inventory.load_event(spec, status=EVENT_PAUSED, sold=sold, sold_seats=sold_seats, customers=customers)
+    await inventory.load_event(
+        spec, status=EVENT_PAUSED, sold=sold, sold_seats=sold_seats, customers=customers
+    )
 
     status = EVENT_ON_SALE if resume else EVENT_PAUSED
     step(5, f"setting the status to {status}")

@@ -38,7 +38,9 @@ class ScriptRunner:
     def __init__(self, client: aioredis.Redis, *, auto_pipeline: bool = True):
         self.client = client
         self.auto_pipeline = auto_pipeline
-        self.scripts: dict[str, AsyncScript] = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
+        self.scripts: dict[str, AsyncScript] = {
+            n: client.register_script(script_source(n)) for n in SCRIPT_NAMES
+        }
         self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._flushing: set[asyncio.Task] = set()
 
@@ -93,7 +95,9 @@ class ScriptRunner:
                     fut.set_exception(result)
                 else:
                     fut.set_result(result)
-        except Exception as exc:  # the pipeline itself failed (connection lost, pool exhausted): nobody has a result
+        except (
+            Exception
+        ) as exc:  # the pipeline itself failed (connection lost, pool exhausted): nobody has a result
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)

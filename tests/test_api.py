@@ -23,11 +23,14 @@ async def hold(client, eid, customer="c-1", headers=None, **body):
 
 # Catalog -----------------------------------------------------------------------------------------
 
+
 async def test_create_and_get_event(client, make_event):
-    body = await make_event(zones=[
-        {"zone_id": "floor", "kind": "ga", "capacity": 20000, "price_cents": 9900},
-        {"zone_id": "sec-101", "kind": "seated", "price_cents": 15900, "seats": [" a1", "A2 ", "a3"]},
-    ])
+    body = await make_event(
+        zones=[
+            {"zone_id": "floor", "kind": "ga", "capacity": 20000, "price_cents": 9900},
+            {"zone_id": "sec-101", "kind": "seated", "price_cents": 15900, "seats": [" a1", "A2 ", "a3"]},
+        ]
+    )
     r = await client.get(f"/v1/events/{body['event_id']}")
     assert r.status_code == 200
     ev = r.json()
@@ -39,7 +42,9 @@ async def test_create_and_get_event(client, make_event):
 
 async def test_ambiguous_rows_are_refused(client):
     """Row R1 seat 11 and row R11 seat 1 would both be "R111"."""
-    body = event_body(zones=[{"zone_id": "s", "kind": "seated", "price_cents": 1, "rows": {"R1": 11, "R11": 1}}])
+    body = event_body(
+        zones=[{"zone_id": "s", "kind": "seated", "price_cents": 1, "rows": {"R1": 11, "R11": 1}}]
+    )
     e = err(await client.post("/v1/events", json=body, headers=ADMIN), 422, "validation_failed")
     assert "R111" in e["details"]["errors"][0]["message"]
 
@@ -47,7 +52,11 @@ async def test_ambiguous_rows_are_refused(client):
 async def test_create_event_errors(client):
     body = event_body()
     err(await client.post("/v1/events", json=body), 401, "unauthorized")
-    err(await client.post("/v1/events", json=body, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    err(
+        await client.post("/v1/events", json=body, headers={"Authorization": "Bearer wrong"}),
+        401,
+        "unauthorized",
+    )
     assert (await client.post("/v1/events", json=body, headers=ADMIN)).status_code == 201
     err(await client.post("/v1/events", json=body, headers=ADMIN), 409, "event_exists")
     dup = event_body(zones=[{"zone_id": "s", "kind": "seated", "price_cents": 1, "seats": ["a1", " A1"]}])
@@ -63,8 +72,16 @@ async def test_create_event_errors(client):
 
 async def test_big_seated_event_is_created_pipelined(client, redis):
     """100,000 seats in one request: COPY into PostgreSQL, chunked pipeline into Redis."""
-    body = event_body(zones=[{"zone_id": "arena", "kind": "seated", "price_cents": 5000,
-                              "rows": {a + b: 1000 for a in "ABCDEFGHIJ" for b in "ABCDEFGHIJ"}}])
+    body = event_body(
+        zones=[
+            {
+                "zone_id": "arena",
+                "kind": "seated",
+                "price_cents": 5000,
+                "rows": {a + b: 1000 for a in "ABCDEFGHIJ" for b in "ABCDEFGHIJ"},
+            }
+        ]
+    )
     r = await client.post("/v1/events", json=body, headers=ADMIN)
     assert r.status_code == 201, r.text
     r = await client.get(f"/v1/events/{body['event_id']}/availability")
@@ -89,10 +106,15 @@ async def test_pause_and_resume(client, make_event):
 
 # Buying ------------------------------------------------------------------------------------------
 
+
 async def test_hold_confirm_flow(client, make_event):
     eid = (await make_event())["event_id"]
-    r = await hold(client, eid, items=[{"zone_id": "floor", "quantity": 2}, {"zone_id": "sec-101", "seats": ["a1", "A2"]}],
-                   ttl_seconds=120)
+    r = await hold(
+        client,
+        eid,
+        items=[{"zone_id": "floor", "quantity": 2}, {"zone_id": "sec-101", "seats": ["a1", "A2"]}],
+        ttl_seconds=120,
+    )
     assert r.status_code == 201, r.text
     h = r.json()
     assert h["status"] == "active" and h["event_id"] == eid and h["amount_cents"] == 2 * 9900 + 2 * 15900
@@ -126,7 +148,9 @@ async def test_release_idempotent(client, make_event):
         r = await client.post(url + "/release")
         assert r.status_code == 200 and r.json()["status"] == "released"
     err(await client.post(url + "/confirm", json={"payment_ref": "p"}), 409, "hold_released")
-    assert (await hold(client, eid, "c-2", items=[{"zone_id": "sec-101", "seats": ["b3"]}])).status_code == 201
+    assert (
+        await hold(client, eid, "c-2", items=[{"zone_id": "sec-101", "seats": ["b3"]}])
+    ).status_code == 201
 
 
 async def test_hold_errors(client, make_event):
@@ -135,7 +159,11 @@ async def test_hold_errors(client, make_event):
     e = err(await hold(client, eid, items=[{"zone_id": "floor", "quantity": 101}]), 409, "sold_out")
     assert e["details"] == {"zone_id": "floor", "requested": 101, "available": 100}
     first = (await hold(client, eid, items=[{"zone_id": "sec-101", "seats": ["A1"]}])).json()
-    e = err(await hold(client, eid, "c-2", items=[{"zone_id": "sec-101", "seats": ["A1", "A2"]}]), 409, "seats_unavailable")
+    e = err(
+        await hold(client, eid, "c-2", items=[{"zone_id": "sec-101", "seats": ["A1", "A2"]}]),
+        409,
+        "seats_unavailable",
+    )
     assert e["details"]["seats"] == [{"zone_id": "sec-101", "seat": "A1"}]
     e = err(await hold(client, eid, items=[{"zone_id": "floor", "quantity": 6}]), 409, "limit_exceeded")
     assert e["details"] == {"limit": 6, "current": 1, "requested": 6}
@@ -150,8 +178,11 @@ async def test_hold_errors(client, make_event):
     e = err(await hold(client, eid, items=ga, ttl_seconds=601), 422, "validation_failed")  # event allows 600
     assert e["details"]["errors"][0]["field"] == "ttl_seconds"
     err(await client.post(f"/v1/events/{eid}/holds", content=b"nope"), 400, "malformed_json")
-    err(await client.post(f"/v1/events/{eid}/holds", json={"customer_id": "c", "items": ga, "extra": 1}), 422,
-        "validation_failed")
+    err(
+        await client.post(f"/v1/events/{eid}/holds", json={"customer_id": "c", "items": ga, "extra": 1}),
+        422,
+        "validation_failed",
+    )
     # nothing was half-applied by the refusals
     av = {z["zone_id"]: z for z in (await client.get(f"/v1/events/{eid}/availability")).json()["zones"]}
     assert av["floor"]["held"] == 0 and av["sec-101"]["held"] == 1
@@ -161,14 +192,26 @@ async def test_hold_errors(client, make_event):
 async def test_hold_lookups_and_routing_errors(client, make_event):
     eid = (await make_event())["event_id"]
     err(await client.get(f"/v1/events/{eid}/holds/h_nope"), 404, "hold_not_found")
-    err(await client.post(f"/v1/events/{eid}/holds/h_nope/confirm", json={"payment_ref": "p"}), 404, "hold_not_found")
+    err(
+        await client.post(f"/v1/events/{eid}/holds/h_nope/confirm", json={"payment_ref": "p"}),
+        404,
+        "hold_not_found",
+    )
     err(await client.post(f"/v1/events/{eid}/holds/h_nope/release"), 404, "hold_not_found")
     err(await client.get("/v1/events/nope"), 404, "event_not_found")
     err(await client.get("/v1/events/nope/availability"), 404, "event_not_found")
     err(await client.get(f"/v1/events/{eid}/zones/floor/seats"), 422, "validation_failed")
     err(await client.get(f"/v1/events/{eid}/zones/nope/seats"), 404, "zone_not_found")
-    err(await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"limit": "0"}), 422, "validation_failed")
-    err(await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"status": "x"}), 422, "validation_failed")
+    err(
+        await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"limit": "0"}),
+        422,
+        "validation_failed",
+    )
+    err(
+        await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"status": "x"}),
+        422,
+        "validation_failed",
+    )
     err(await client.get("/v1/nothing"), 404, "not_found")
     err(await client.delete(f"/v1/events/{eid}"), 405, "method_not_allowed")
     err(await client.post(f"/v1/events/{eid}/holds/h_x/confirm", json={}), 422, "validation_failed")
@@ -182,7 +225,11 @@ async def test_idempotency_key_over_http(client, make_event):
     assert first.status_code == 201
     replay = await hold(client, eid, headers=key, items=items)
     assert replay.status_code == 200 and replay.json()["hold_id"] == first.json()["hold_id"]
-    err(await hold(client, eid, headers=key, items=[{"zone_id": "floor", "quantity": 3}]), 409, "idempotency_conflict")
+    err(
+        await hold(client, eid, headers=key, items=[{"zone_id": "floor", "quantity": 3}]),
+        409,
+        "idempotency_conflict",
+    )
     # double click: many concurrent requests with one key make one hold
     key2 = {"Idempotency-Key": "k2-" + new_event_id()}
     rs = await asyncio.gather(*(hold(client, eid, "c-9", headers=key2, items=items) for _ in range(10)))
@@ -194,15 +241,20 @@ async def test_idempotency_key_over_http(client, make_event):
 
 
 async def test_expiry_gives_stock_back(client, make_event):
-    eid = (await make_event(zones=[{"zone_id": "floor", "kind": "ga", "capacity": 2, "price_cents": 1}]))["event_id"]
+    eid = (await make_event(zones=[{"zone_id": "floor", "kind": "ga", "capacity": 2, "price_cents": 1}]))[
+        "event_id"
+    ]
     h = (await hold(client, eid, items=[{"zone_id": "floor", "quantity": 2}], ttl_seconds=1)).json()
     err(await hold(client, eid, "c-2", items=[{"zone_id": "floor", "quantity": 1}]), 409, "sold_out")
     await asyncio.sleep(1.1)
     av = (await client.get(f"/v1/events/{eid}/availability")).json()["zones"][0]
     assert (av["available"], av["held"]) == (2, 0)
     assert (await client.get(f"/v1/events/{eid}/holds/{h['hold_id']}")).json()["status"] == "expired"
-    err(await client.post(f"/v1/events/{eid}/holds/{h['hold_id']}/confirm", json={"payment_ref": "p"}), 409,
-        "hold_expired")
+    err(
+        await client.post(f"/v1/events/{eid}/holds/{h['hold_id']}/confirm", json={"payment_ref": "p"}),
+        409,
+        "hold_expired",
+    )
     r = await client.post(f"/v1/events/{eid}/holds/{h['hold_id']}/release")
     assert r.status_code == 200 and r.json()["status"] == "expired"
 
@@ -223,7 +275,11 @@ async def dead_redis_app(settings):
     """The app pointed at a Redis port nobody listens on."""
     from service.app import create_app
 
-    app = create_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout_seconds": 0.5}))
+    app = create_app(
+        settings.model_copy(
+            update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout_seconds": 0.5}
+        )
+    )
     async with app.router.lifespan_context(app):
         yield app
 
@@ -233,7 +289,9 @@ async def test_redis_down_is_503_with_retry_after(dead_redis_app, make_event):
 
     transport = httpx.ASGITransport(app=dead_redis_app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-        r = await c.post("/v1/events/x/holds", json={"customer_id": "c", "items": [{"zone_id": "z", "quantity": 1}]})
+        r = await c.post(
+            "/v1/events/x/holds", json={"customer_id": "c", "items": [{"zone_id": "z", "quantity": 1}]}
+        )
         e = err(r, 503, "unavailable")
         assert e["details"] == {"store": "redis"} and r.headers["retry-after"] == "1"
         r = await c.get("/readyz")
@@ -254,7 +312,11 @@ async def test_wait_aof_is_switched_off_on_servers_without_it(settings, redis):
 async def test_control_characters_are_refused_before_they_reach_an_order(client, make_event):
     """PostgreSQL text cannot hold NUL: such an order would be confirmed in Redis and refused later."""
     eid = (await make_event())["event_id"]
-    err(await hold(client, eid, "c\x00x", items=[{"zone_id": "floor", "quantity": 1}]), 422, "validation_failed")
+    err(
+        await hold(client, eid, "c\x00x", items=[{"zone_id": "floor", "quantity": 1}]),
+        422,
+        "validation_failed",
+    )
     h = (await hold(client, eid, items=[{"zone_id": "floor", "quantity": 1}])).json()
     r = await client.post(f"/v1/events/{eid}/holds/{h['hold_id']}/confirm", json={"payment_ref": "pi\x00"})
     err(r, 422, "validation_failed")
@@ -277,8 +339,11 @@ async def test_values_the_stores_cannot_hold_exactly_are_422(client, make_event)
     """Found by review: these were rounded (cjson prints 14 digits) or reached PostgreSQL as a 500."""
     big = event_body(zones=[{"zone_id": "z", "kind": "ga", "capacity": 1, "price_cents": 123456789012345}])
     err(await client.post("/v1/events", json=big, headers=ADMIN), 422, "validation_failed")
-    err(await client.post("/v1/events", json=event_body(name="Eras\x00Tour"), headers=ADMIN), 422,
-        "validation_failed")
+    err(
+        await client.post("/v1/events", json=event_body(name="Eras\x00Tour"), headers=ADMIN),
+        422,
+        "validation_failed",
+    )
     eid = (await make_event())["event_id"]
     err(await hold(client, eid, items=[{"zone_id": "floor", "quantity": True}]), 422, "validation_failed")
     r = await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"limit": "²"})

@@ -52,7 +52,19 @@ def test_event_create_refuses_an_invalid_file(cli_env, tmp_path):
 
 
 def test_every_command_has_help(cli_env):
-    for cmd in (["serve"], ["worker"], ["migrate"], ["dev"], ["reconcile"], ["rebuild"], ["audit"], ["bench"],
-                ["event", "create"], ["event", "show"], ["event", "pause"], ["event", "resume"]):
+    for cmd in (
+        ["serve"],
+        ["worker"],
+        ["migrate"],
+        ["dev"],
+        ["reconcile"],
+        ["rebuild"],
+        ["audit"],
+        ["bench"],
+        ["event", "create"],
+        ["event", "show"],
+        ["event", "pause"],
+        ["event", "resume"],
+    ):
         r = cli_env.invoke(app, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, cmd

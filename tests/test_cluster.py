@@ -48,9 +48,25 @@ def cluster_url(tmp_path_factory):
     ports = _cluster_ports(3)
     procs = [
         subprocess.Popen(
-            ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", f"nodes-{p}.conf", "--dir", str(tmp), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(p),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{p}.conf",
+                "--dir",
+                str(tmp),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for p in ports
     ]
@@ -63,8 +79,18 @@ def cluster_url(tmp_path_factory):
                 except redis.ConnectionError:
                     time.sleep(0.1)
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
-             "--cluster-yes"], check=True, capture_output=True, timeout=30,
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         for _ in range(100):
             if all(redis.Redis(port=p).cluster("info")["cluster_state"] == "ok" for p in ports):
@@ -80,28 +106,47 @@ def cluster_url(tmp_path_factory):
 
 @pytest.mark.parametrize("auto_pipeline", [True, False])
 async def test_a_whole_sale_on_redis_cluster(cluster_url, auto_pipeline):
-    settings = Settings(redis_url=cluster_url, database_url="postgresql://unused", redis_cluster=True,
-                        auto_pipeline=auto_pipeline)
+    settings = Settings(
+        redis_url=cluster_url,
+        database_url="postgresql://unused",
+        redis_cluster=True,
+        auto_pipeline=auto_pipeline,
+    )
     client = redis_client(cluster_url, settings)
     inv = Inventory(client, settings)
     await inv.runner.load()
     events = [new_event_id("cl") for _ in range(6)]  # spread over the three nodes' slots
     for eid in events:
-        await inv.load_event(EventSpec.model_validate({
-            "event_id": eid, "name": "c", "starts_at": datetime.now(UTC).isoformat(), "max_tickets_per_customer": 50,
-            "zones": [{"zone_id": "ga", "kind": "ga", "capacity": 5, "price_cents": 1},
-                      {"zone_id": "s", "kind": "seated", "price_cents": 2, "seats": ["A1", "A2"]}],
-        }))
+        await inv.load_event(
+            EventSpec.model_validate(
+                {
+                    "event_id": eid,
+                    "name": "c",
+                    "starts_at": datetime.now(UTC).isoformat(),
+                    "max_tickets_per_customer": 50,
+                    "zones": [
+                        {"zone_id": "ga", "kind": "ga", "capacity": 5, "price_cents": 1},
+                        {"zone_id": "s", "kind": "seated", "price_cents": 2, "seats": ["A1", "A2"]},
+                    ],
+                }
+            )
+        )
     for eid in events:
-        req = HoldRequest.model_validate({"customer_id": "c", "items": [
-            {"zone_id": "ga", "quantity": 2}, {"zone_id": "s", "seats": ["A1"]}]})
+        req = HoldRequest.model_validate(
+            {
+                "customer_id": "c",
+                "items": [{"zone_id": "ga", "quantity": 2}, {"zone_id": "s", "seats": ["A1"]}],
+            }
+        )
         hold, _ = await inv.hold(eid, req, "key-1")
         _, replay = await inv.hold(eid, req, "key-1")
         assert replay
         order, created = await inv.confirm(eid, hold["hold_id"], "pi")
         assert created
-        other, _ = await inv.hold(eid, HoldRequest.model_validate(
-            {"customer_id": "d", "items": [{"zone_id": "s", "seats": ["A2"]}]}))
+        other, _ = await inv.hold(
+            eid,
+            HoldRequest.model_validate({"customer_id": "d", "items": [{"zone_id": "s", "seats": ["A2"]}]}),
+        )
         assert await inv.release(eid, other["hold_id"]) == "released"
         assert (await inv.get_hold(eid, hold["hold_id"]))["status"] == "confirmed"
         zones = {z["zone_id"]: z for z in (await inv.availability(eid))["zones"]}

@@ -40,8 +40,10 @@ async def test_500_buyers_race_for_100_ga_tickets(http):
 
     async def buyer(i: int) -> int:
         await start.wait()
-        r = await http.post(f"/v1/events/{eid}/holds",
-                            json={"customer_id": f"c{i}", "items": [{"zone_id": "floor", "quantity": 1}]})
+        r = await http.post(
+            f"/v1/events/{eid}/holds",
+            json={"customer_id": f"c{i}", "items": [{"zone_id": "floor", "quantity": 1}]},
+        )
         if r.status_code == 409:
             assert r.json()["error"]["code"] == "sold_out"
         return r.status_code
@@ -66,8 +68,10 @@ async def test_200_buyers_race_for_the_same_10_seats(http):
     wanted = [rng.sample(seats, rng.randint(1, 3)) for _ in range(200)]
 
     async def buyer(i: int):
-        r = await http.post(f"/v1/events/{eid}/holds",
-                            json={"customer_id": f"c{i}", "items": [{"zone_id": "front", "seats": wanted[i]}]})
+        r = await http.post(
+            f"/v1/events/{eid}/holds",
+            json={"customer_id": f"c{i}", "items": [{"zone_id": "front", "seats": wanted[i]}]},
+        )
         assert r.status_code in (201, 409), r.text
         if r.status_code == 409:
             assert r.json()["error"]["code"] == "seats_unavailable"
@@ -87,9 +91,10 @@ async def test_confirm_racing_expiry_has_one_winner(http):
     eid = await create(http, [{"zone_id": "floor", "kind": "ga", "capacity": 60, "price_cents": 100}])
     holds = []
     for i in range(60):
-        r = await http.post(f"/v1/events/{eid}/holds",
-                            json={"customer_id": f"c{i}", "items": [{"zone_id": "floor", "quantity": 1}],
-                                  "ttl_seconds": 1})
+        r = await http.post(
+            f"/v1/events/{eid}/holds",
+            json={"customer_id": f"c{i}", "items": [{"zone_id": "floor", "quantity": 1}], "ttl_seconds": 1},
+        )
         assert r.status_code == 201
         holds.append(r.json()["hold_id"])
     rng = random.Random(3)

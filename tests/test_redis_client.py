@@ -58,13 +58,18 @@ async def test_redis_out_of_memory_is_503_and_nothing_half_applied(settings):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 body = event_body()
-                assert (await c.post("/v1/events", json=body,
-                                     headers={"Authorization": "Bearer test-admin-token"})).status_code == 201
+                assert (
+                    await c.post(
+                        "/v1/events", json=body, headers={"Authorization": "Bearer test-admin-token"}
+                    )
+                ).status_code == 201
                 r = aioredis.Redis.from_url(url)
                 await r.config_set("maxmemory-policy", "noeviction")
                 await r.config_set("maxmemory", "1")
-                hold = await c.post(f"/v1/events/{body['event_id']}/holds",
-                                    json={"customer_id": "c", "items": [{"zone_id": "floor", "quantity": 1}]})
+                hold = await c.post(
+                    f"/v1/events/{body['event_id']}/holds",
+                    json={"customer_id": "c", "items": [{"zone_id": "floor", "quantity": 1}]},
+                )
                 assert hold.status_code == 503, hold.text
                 assert hold.json()["error"]["code"] == "unavailable" and hold.headers["retry-after"]
                 await r.config_set("maxmemory", "0")

@@ -17,14 +17,19 @@ from service.settings import Settings
 
 
 def spec(event_id: str, ga: int = 10, seats: int = 4, per_customer: int = 100, ttl: int = 600) -> EventSpec:
-    return EventSpec.model_validate({
-        "event_id": event_id, "name": "Test", "starts_at": datetime.now(UTC).isoformat(),
-        "hold_ttl_seconds": ttl, "max_tickets_per_customer": per_customer,
-        "zones": [
-            {"zone_id": "ga", "kind": "ga", "capacity": ga, "price_cents": 1000},
-            {"zone_id": "s", "kind": "seated", "price_cents": 5000, "rows": {"A": seats}},
-        ],
-    })
+    return EventSpec.model_validate(
+        {
+            "event_id": event_id,
+            "name": "Test",
+            "starts_at": datetime.now(UTC).isoformat(),
+            "hold_ttl_seconds": ttl,
+            "max_tickets_per_customer": per_customer,
+            "zones": [
+                {"zone_id": "ga", "kind": "ga", "capacity": ga, "price_cents": 1000},
+                {"zone_id": "s", "kind": "seated", "price_cents": 5000, "rows": {"A": seats}},
+            ],
+        }
+    )
 
 
 def req(customer="c1", ttl=None, **items) -> HoldRequest:
@@ -185,9 +190,15 @@ async def test_seat_page(inv):
     h, _ = await inv.hold(eid, req(customer="c2", seats=["A3"]))
     await inv.confirm(eid, h["hold_id"], "pi")
     page = await inv.seat_page(eid, "s", "", "", 2)
-    assert page == {"seats": [{"seat": "A1", "status": "available"}, {"seat": "A2", "status": "held"}], "next": "A2"}
+    assert page == {
+        "seats": [{"seat": "A1", "status": "available"}, {"seat": "A2", "status": "held"}],
+        "next": "A2",
+    }
     page = await inv.seat_page(eid, "s", "", "A2", 10)
-    assert page == {"seats": [{"seat": "A3", "status": "sold"}, {"seat": "A4", "status": "available"}], "next": None}
+    assert page == {
+        "seats": [{"seat": "A3", "status": "sold"}, {"seat": "A4", "status": "available"}],
+        "next": None,
+    }
     page = await inv.seat_page(eid, "s", "available", "", 10)
     assert [s["seat"] for s in page["seats"]] == ["A1", "A4"]
     assert (await inv.seat_page(eid, "s", "held", "A2", 10))["seats"] == []
@@ -234,8 +245,10 @@ async def test_expired_holds_beyond_one_reap_batch_never_refuse_a_buyer(any_redi
     eid = new_event_id("batch")
     await inv.load_event(spec(eid, ga=3, seats=3, per_customer=4))
     for i, seat in enumerate(["A1", "A2", "A3"]):
-        await inv.hold(eid, req(customer="same", ttl=1, ga=1, seats=[seat]) if i == 0 else
-                       req(customer="same", ttl=1, ga=1))
+        await inv.hold(
+            eid,
+            req(customer="same", ttl=1, ga=1, seats=[seat]) if i == 0 else req(customer="same", ttl=1, ga=1),
+        )
     await asyncio.sleep(1.05)
     hold, _ = await inv.hold(eid, req(customer="other", ga=3, seats=["A1"]))  # all 3 GA back, seat free
     assert hold["tickets"] == 4
