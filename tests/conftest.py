@@ -8,6 +8,7 @@ Every test uses its own event ids, so tests never see each other's keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 
 from loadtests.local import free_port, throwaway_redis
 from service.app import create_app
+from service.inventory import Inventory
 from service.migrate import migrate
 from service.servers import choose_servers
 from service.settings import Settings
@@ -60,18 +62,30 @@ def settings(servers, database_url) -> Settings:
     return Settings(redis_url=servers.redis_url, database_url=database_url, admin_token="test-admin-token")
 
 
-@pytest.fixture(scope="session")
-async def app(settings):
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple]:
+    """The app with its lifespan run, and an httpx client speaking to it in-process: (app, client)."""
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        yield app
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            yield app, c
 
 
 @pytest.fixture(scope="session")
-async def client(app) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        yield c
+async def app_and_client(settings):
+    async with running_app(settings) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def app(app_and_client):
+    return app_and_client[0]
+
+
+@pytest.fixture(scope="session")
+def client(app_and_client) -> httpx.AsyncClient:
+    return app_and_client[1]
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +153,30 @@ def private_redis_url():
     outboxes or that FLUSHALL: on the shared server another session's worker could take their entries."""
     with throwaway_redis() as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def private_settings(settings, private_redis_url) -> Settings:
+    """The session's settings on the module's own Redis (a module may override this to tune settings)."""
+    return settings.model_copy(update={"redis_url": private_redis_url})
+
+
+@pytest.fixture(scope="module")
+async def inventory(private_settings) -> AsyncIterator[Inventory]:
+    from service.app import redis_client
+
+    client = redis_client(private_settings.redis_url, private_settings)
+    yield Inventory(client, private_settings)
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def pg(private_settings):
+    from service import db
+
+    pool = await db.create_pool(private_settings.database_url)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture(scope="session")

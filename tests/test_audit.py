@@ -15,8 +15,7 @@ import redis.asyncio as aioredis
 from conftest import event_body, new_event_id
 
 from loadtests.audit import CHECKS, audit_event, load_acks, outbox_backlog
-from loadtests.bench import throwaway_redis
-from service import catalog, db, keys
+from service import catalog, keys
 from service.domain import EventSpec, HoldRequest
 from service.inventory import Inventory
 from service.settings import Settings
@@ -24,23 +23,10 @@ from workers.outbox import OutboxConsumer
 
 
 @pytest.fixture(scope="module")
-def private_settings(settings) -> Settings:
-    with throwaway_redis() as url:
-        yield settings.model_copy(update={"redis_url": url})
-
-
-@pytest.fixture(scope="module")
 async def rclient(private_settings) -> AsyncIterator[aioredis.Redis]:
     r = aioredis.Redis.from_url(private_settings.redis_url)
     yield r
     await r.aclose()
-
-
-@pytest.fixture(scope="module")
-async def pg(private_settings):
-    pool = await db.create_pool(private_settings.database_url)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture

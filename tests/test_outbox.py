@@ -19,30 +19,16 @@ import pytest
 from conftest import ADMIN, event_body, free_port
 
 from service import catalog, db, keys, metrics
-from service.app import create_app, redis_client
+from service.app import create_app
 from service.domain import EventSpec, HoldRequest
-from service.inventory import Inventory, new_id
+from service.inventory import new_id
 from workers.outbox import GROUP, OutboxConsumer, write_batch
 from workers.sweeper import sweep_once
 
 
 @pytest.fixture(scope="module")
-def wsettings(settings, private_redis_url):
+def private_settings(settings, private_redis_url):
     return settings.model_copy(update={"redis_url": private_redis_url, "outbox_claim_idle_ms": 60_000})
-
-
-@pytest.fixture(scope="module")
-async def inventory(wsettings):
-    client = redis_client(wsettings.redis_url, wsettings)
-    yield Inventory(client, wsettings)
-    await client.aclose()
-
-
-@pytest.fixture(scope="module")
-async def pg(wsettings):
-    pool = await db.create_pool(wsettings.database_url)
-    yield pool
-    await pool.close()
 
 
 async def new_event(pg, inventory, **overrides) -> str:
@@ -120,7 +106,7 @@ async def test_redelivery_mixed_with_new_orders_bumps_only_new(pg, inventory):
     assert (await pg_state(pg, eid))["sold"]["floor"] == 5
 
 
-async def test_consumer_acks_only_after_commit(pg, inventory, wsettings):
+async def test_consumer_acks_only_after_commit(pg, inventory, private_settings):
     eid = await new_event(pg, inventory)
     for i in range(5):
         await buy(inventory, eid, f"c{i}", [{"zone_id": "floor", "quantity": 1}])
@@ -129,14 +115,14 @@ async def test_consumer_acks_only_after_commit(pg, inventory, wsettings):
     # PostgreSQL unreachable: the pass raises, nothing is acked or deleted, the entries stay pending.
     down = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
     with pytest.raises(OSError):
-        await OutboxConsumer(inventory.client, down, wsettings, "w-1").run_once([eid])
+        await OutboxConsumer(inventory.client, down, private_settings, "w-1").run_once([eid])
     await down.close()
     assert await inventory.client.xlen(stream) == 5
     assert (await inventory.client.xpending(stream, GROUP))["pending"] == 5
     assert (await pg_state(pg, eid))["orders"] == 0
 
     # The same consumer, restarted, re-reads its pending entries, writes them, then acks and trims.
-    consumer = OutboxConsumer(inventory.client, pg, wsettings, "w-1")
+    consumer = OutboxConsumer(inventory.client, pg, private_settings, "w-1")
     assert await consumer.run_once([eid]) == 5
     assert await inventory.client.xlen(stream) == 0
     assert (await inventory.client.xpending(stream, GROUP))["pending"] == 0
@@ -144,7 +130,7 @@ async def test_consumer_acks_only_after_commit(pg, inventory, wsettings):
     assert await consumer.run_once([eid]) == 0
 
 
-async def test_commit_then_crash_before_ack_is_written_once(pg, inventory, wsettings):
+async def test_commit_then_crash_before_ack_is_written_once(pg, inventory, private_settings):
     """A worker read the entries and committed them, then died before XACK: another worker claims them."""
     eid = await new_event(pg, inventory)
     for i in range(4):
@@ -157,7 +143,7 @@ async def test_commit_then_crash_before_ack_is_written_once(pg, inventory, wsett
     assert (await inventory.client.xpending(stream, GROUP))["pending"] == 4
 
     survivor = OutboxConsumer(
-        inventory.client, pg, wsettings.model_copy(update={"outbox_claim_idle_ms": 0}), "w-2"
+        inventory.client, pg, private_settings.model_copy(update={"outbox_claim_idle_ms": 0}), "w-2"
     )
     persisted = counter(metrics.PERSISTED, eid)
     assert await survivor.run_once([eid]) == 4
@@ -167,7 +153,7 @@ async def test_commit_then_crash_before_ack_is_written_once(pg, inventory, wsett
     assert (await inventory.client.xpending(stream, GROUP))["pending"] == 0
 
 
-async def test_backstop_refusals_are_dead_lettered_and_the_rest_lands(pg, inventory, wsettings):
+async def test_backstop_refusals_are_dead_lettered_and_the_rest_lands(pg, inventory, private_settings):
     eid = await new_event(
         pg,
         inventory,
@@ -178,7 +164,7 @@ async def test_backstop_refusals_are_dead_lettered_and_the_rest_lands(pg, invent
     )
     stream = keys.outbox(eid)
     first = await buy(inventory, eid, "real-1", [{"zone_id": "sec-101", "seats": ["A1"]}])
-    consumer = OutboxConsumer(inventory.client, pg, wsettings, "w-3")
+    consumer = OutboxConsumer(inventory.client, pg, private_settings, "w-3")
     assert await consumer.run_once([eid]) == 1
 
     now_ms = int(time.time() * 1000)
@@ -244,7 +230,7 @@ async def test_backstop_refusals_are_dead_lettered_and_the_rest_lands(pg, invent
     assert (await pg_state(pg, eid))["dead"] == 6
 
 
-async def test_consumer_covers_every_event_and_reclaims_idle_entries(pg, inventory, wsettings):
+async def test_consumer_covers_every_event_and_reclaims_idle_entries(pg, inventory, private_settings):
     a = await new_event(pg, inventory)
     b = await new_event(pg, inventory)
     await buy(inventory, a, "x", [{"zone_id": "floor", "quantity": 1}])
@@ -255,7 +241,7 @@ async def test_consumer_covers_every_event_and_reclaims_idle_entries(pg, invento
     await buy(inventory, b, "z", [{"zone_id": "floor", "quantity": 1}])
 
     consumer = OutboxConsumer(
-        inventory.client, pg, wsettings.model_copy(update={"outbox_claim_idle_ms": 50}), "w-4"
+        inventory.client, pg, private_settings.model_copy(update={"outbox_claim_idle_ms": 50}), "w-4"
     )
     await asyncio.sleep(0.1)
     while await consumer.run_once():  # every event in keys.EVENTS_KEY, as the worker does
@@ -265,7 +251,7 @@ async def test_consumer_covers_every_event_and_reclaims_idle_entries(pg, invento
     assert (await inventory.client.xpending(stream, GROUP))["pending"] == 0
 
 
-async def test_consumer_leaves_other_deployments_events_alone(pg, inventory, wsettings):
+async def test_consumer_leaves_other_deployments_events_alone(pg, inventory, private_settings):
     """An event in this Redis that this worker's PostgreSQL does not know belongs to someone else: its
     entries must stay in the stream, unread, rather than be dead-lettered here and acked away."""
     ours = await new_event(pg, inventory)
@@ -273,7 +259,7 @@ async def test_consumer_leaves_other_deployments_events_alone(pg, inventory, wse
     await inventory.load_event(foreign)  # Redis only, as another deployment sharing this Redis would
     await buy(inventory, ours, "x", [{"zone_id": "floor", "quantity": 1}])
     await buy(inventory, foreign.event_id, "y", [{"zone_id": "floor", "quantity": 1}])
-    consumer = OutboxConsumer(inventory.client, pg, wsettings, "w-iso")
+    consumer = OutboxConsumer(inventory.client, pg, private_settings, "w-iso")
     while await consumer.run_once():
         pass
     assert (await pg_state(pg, ours))["orders"] == 1
@@ -282,8 +268,8 @@ async def test_consumer_leaves_other_deployments_events_alone(pg, inventory, wse
     await inventory.unload_event(foreign.event_id)
 
 
-async def test_get_order_is_persisted_after_the_worker_ran(pg, inventory, wsettings):
-    app = create_app(wsettings)
+async def test_get_order_is_persisted_after_the_worker_ran(pg, inventory, private_settings):
+    app = create_app(private_settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -304,7 +290,7 @@ async def test_get_order_is_persisted_after_the_worker_ran(pg, inventory, wsetti
             before = (await client.get(url)).json()
             assert before["persisted"] is False and before["persisted_at"] is None
 
-            await OutboxConsumer(inventory.client, pg, wsettings, "w-5").run_once([eid])
+            await OutboxConsumer(inventory.client, pg, private_settings, "w-5").run_once([eid])
             after = (await client.get(url)).json()
             assert after["persisted"] is True
             persisted_at = datetime.fromisoformat(after.pop("persisted_at"))
@@ -329,12 +315,14 @@ async def test_sweeper_expires_holds_of_idle_events(pg, inventory):
     assert counter(metrics.EXPIRIES, eid) == expired + 1
 
 
-async def test_reconcile_cron_job_runs_off_the_worker_loop(pg, inventory, wsettings):
+async def test_reconcile_cron_job_runs_off_the_worker_loop(pg, inventory, private_settings):
     from workers import main
 
     eid = await new_event(pg, inventory)
     await buy(inventory, eid, "r", [{"zone_id": "floor", "quantity": 1}])
-    result = await main.reconcile({"settings": wsettings})  # its own thread, loop, Redis client and pool
+    result = await main.reconcile(
+        {"settings": private_settings}
+    )  # its own thread, loop, Redis client and pool
     assert result["events"] >= 1
     assert main.every(30) == {"second": {0, 30}}
     assert main.every(120) == {"minute": set(range(0, 60, 2)), "second": {0}}

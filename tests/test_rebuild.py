@@ -6,11 +6,10 @@ The throw-away server fixtures here are imported by tests/test_reconcile.py too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from conftest import ADMIN, event_body
+from conftest import ADMIN, event_body, running_app
 
 from service import db, keys
 from service.errors import DomainError
@@ -27,19 +26,19 @@ def scratch_settings(private_redis_url, database_url) -> Settings:
 
 
 @pytest.fixture(scope="module")
-async def scratch_app(scratch_settings):
-    from service.app import create_app
-
-    app = create_app(scratch_settings)
-    async with app.router.lifespan_context(app):
-        yield app
+async def scratch_app_and_client(scratch_settings):
+    async with running_app(scratch_settings) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
-async def scratch_client(scratch_app) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=scratch_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        yield c
+def scratch_app(scratch_app_and_client):
+    return scratch_app_and_client[0]
+
+
+@pytest.fixture(scope="module")
+def scratch_client(scratch_app_and_client) -> httpx.AsyncClient:
+    return scratch_app_and_client[1]
 
 
 @pytest.fixture(scope="module")

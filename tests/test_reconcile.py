@@ -19,6 +19,7 @@ from test_rebuild import (  # noqa: F401
     hold,
     scratch,
     scratch_app,
+    scratch_app_and_client,
     scratch_client,
     scratch_settings,
     seats_with,

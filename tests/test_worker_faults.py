@@ -21,32 +21,11 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from conftest import event_body, free_port, gather_limited
 
-from service import catalog, db, keys
-from service.app import redis_client
+from service import catalog, keys
 from service.domain import EventSpec, HoldRequest
-from service.inventory import Inventory
 from workers.outbox import GROUP
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def wsettings(settings, private_redis_url):
-    return settings.model_copy(update={"redis_url": private_redis_url})
-
-
-@pytest.fixture(scope="module")
-async def inventory(wsettings):
-    client = redis_client(wsettings.redis_url, wsettings)
-    yield Inventory(client, wsettings)
-    await client.aclose()
-
-
-@pytest.fixture(scope="module")
-async def pg(wsettings):
-    pool = await db.create_pool(wsettings.database_url)
-    yield pool
-    await pool.close()
 
 
 class Worker:
@@ -87,11 +66,11 @@ class Worker:
 
 
 @pytest.fixture
-def workers(wsettings):
+def workers(private_settings):
     started: list[Worker] = []
 
     def start(database_url: str | None = None, **env: str) -> Worker:
-        w = Worker(wsettings.redis_url, database_url or wsettings.database_url, **env)
+        w = Worker(private_settings.redis_url, database_url or private_settings.database_url, **env)
         started.append(w)
         return w
 
@@ -261,8 +240,10 @@ async def _at_least(pg, event_id: str, n: int) -> bool:
     return await orders_in_pg(pg, event_id) >= n
 
 
-async def test_postgres_unreachable_for_a_while_then_everything_lands_once(pg, inventory, wsettings, workers):
-    target = urlsplit(wsettings.database_url)
+async def test_postgres_unreachable_for_a_while_then_everything_lands_once(
+    pg, inventory, private_settings, workers
+):
+    target = urlsplit(private_settings.database_url)
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
     await proxy.start()
     netloc = f"{target.username or 'postgres'}@127.0.0.1:{proxy.port}"
