@@ -51,17 +51,7 @@ if hold.status == 'expired' then return fail('hold_expired', { expires_at_ms = h
 if hold.status == 'released' then return fail('hold_released') end
 
 local order_id = ARGV[2]
-local sold_mark = 's:' .. order_id
-for _, item in ipairs(hold.items) do
-  local zkey = prefix .. 'zone:' .. item.zone_id
-  if item.seats then
-    local okey = prefix .. 'owner:' .. item.zone_id
-    for _, seat in ipairs(item.seats) do redis.call('HSET', okey, seat, sold_mark) end
-  end
-  local n = item_count(item)
-  redis.call('HINCRBY', zkey, 'held', -n)
-  redis.call('HINCRBY', zkey, 'sold', n)
-end
+move_stock(prefix, hold.items, 'held', 'sold', 's:' .. order_id)
 local hkey = prefix .. 'hold:' .. hold_id
 redis.call('HSET', hkey, 'status', 'confirmed', 'order_id', order_id, 'payment_ref', ARGV[3],
   'confirmed_at_ms', now, 'ended_at_ms', now)

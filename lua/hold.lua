@@ -113,17 +113,7 @@ if not fits then return result end
 local tickets, amount = result, extra
 
 -- Write.
-local owner = 'h:' .. hold_id
-for _, item in ipairs(items) do
-  local zkey = prefix .. 'zone:' .. item.zone_id
-  if item.seats then
-    local okey = prefix .. 'owner:' .. item.zone_id
-    for _, seat in ipairs(item.seats) do redis.call('HSET', okey, seat, owner) end
-  end
-  local n = item_count(item)
-  redis.call('HINCRBY', zkey, 'available', -n)
-  redis.call('HINCRBY', zkey, 'held', n)
-end
+move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id)
 redis.call('HINCRBY', prefix .. 'customers', customer_id, tickets)
 local expires_at = now + ttl_seconds * 1000
 local hkey = prefix .. 'hold:' .. hold_id

@@ -53,6 +53,27 @@ local function hold_view(prefix, hold_id)
   return view
 end
 
+-- Move every item's tickets from one counter of its zone to another ('available' | 'held' | 'sold'),
+-- keeping available + held + sold == capacity. Seats get owner `mark` ("h:<hold>" or "s:<order>"); with
+-- mark nil, seats still owned by `previous` are freed. The one place a hold's stock changes hands.
+local function move_stock(prefix, items, from, to, mark, previous)
+  for _, item in ipairs(items) do
+    if item.seats then
+      local okey = prefix .. 'owner:' .. item.zone_id
+      for _, seat in ipairs(item.seats) do
+        if mark then
+          redis.call('HSET', okey, seat, mark)
+        elseif redis.call('HGET', okey, seat) == previous then
+          redis.call('HDEL', okey, seat)
+        end
+      end
+    end
+    local zkey, n = prefix .. 'zone:' .. item.zone_id, item_count(item)
+    redis.call('HINCRBY', zkey, from, -n)
+    redis.call('HINCRBY', zkey, to, n)
+  end
+end
+
 -- End an active hold as "released" or "expired": its stock and seats go back, it leaves the expiry set.
 -- Returns true if the hold was active. Anything already terminal is left untouched.
 local function end_hold(prefix, hold_id, status, at_ms, retention_seconds)
@@ -60,19 +81,7 @@ local function end_hold(prefix, hold_id, status, at_ms, retention_seconds)
   local h = redis.call('HMGET', hkey, 'status', 'items', 'customer_id', 'tickets')
   redis.call('ZREM', prefix .. 'expiry', hold_id)
   if h[1] ~= 'active' then return false end
-  local owner = 'h:' .. hold_id
-  for _, item in ipairs(cjson.decode(h[2])) do
-    local zkey = prefix .. 'zone:' .. item.zone_id
-    if item.seats then
-      local okey = prefix .. 'owner:' .. item.zone_id
-      for _, seat in ipairs(item.seats) do
-        if redis.call('HGET', okey, seat) == owner then redis.call('HDEL', okey, seat) end
-      end
-    end
-    local n = item_count(item)
-    redis.call('HINCRBY', zkey, 'held', -n)
-    redis.call('HINCRBY', zkey, 'available', n)
-  end
+  move_stock(prefix, cjson.decode(h[2]), 'held', 'available', nil, 'h:' .. hold_id)
   local ckey = prefix .. 'customers'
   if redis.call('HINCRBY', ckey, h[3], -tonumber(h[4])) <= 0 then redis.call('HDEL', ckey, h[3]) end
   redis.call('HSET', hkey, 'status', status, 'ended_at_ms', at_ms)
