@@ -97,7 +97,7 @@ async def _check_wait_aof(client: aioredis.Redis, settings: Settings) -> None:
 
 async def _domain_error(request: Request, exc: Exception) -> JSON:
     assert isinstance(exc, DomainError)
-    metrics.REJECTIONS.labels(exc.code).inc()
+    metrics.child(metrics.REJECTIONS, exc.code).inc()
     headers = None
     if exc.code == "unavailable":
         headers = {"Retry-After": str(request.app.state.settings.redis_retry_after_seconds)}
@@ -165,6 +165,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             await app.state.pg.close()
+            app.state.inventory.close()
             await client.aclose()
 
     unavailable = (

@@ -60,6 +60,10 @@ class Inventory:
         self.settings = settings
         self.runner = ScriptRunner(client, auto_pipeline=settings.auto_pipeline)
 
+    def close(self) -> None:
+        """Close the scripts' auto-pipeline connection; the Redis client stays the caller's to close."""
+        self.runner.close()
+
     def _common(self) -> list[int]:
         return [self.settings.hold_retention_seconds, self.settings.reap_batch]
 

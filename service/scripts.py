@@ -4,10 +4,12 @@ A script may say ``--- @include NAME`` on a line of its own; the loader splices 
 ``lua/includes/NAME.lua`` there (as BullMQ does), so shared logic such as reaping is written once.
 
 ``ScriptRunner.run`` sends EVALSHA. With ``auto_pipeline`` on, every call made in the same event-loop
-tick is queued and sent in one pipeline (one round trip, one connection), the way ioredis'
-auto-pipelining works; results come back to each caller in order. A NOSCRIPT reply (Redis restarted or
-SCRIPT FLUSH) makes the runner load the script and send that call again; that is safe because every
-script is idempotent (see each script's header).
+tick is sent in one write on one connection, the way ioredis' auto-pipelining works, and results come back
+to each caller in order: over ``AutoPipeline`` (service/autopipeline.py) for plain TCP and unix sockets, else
+(TLS, Redis Cluster) as one redis-py pipeline per tick. A NOSCRIPT reply (Redis restarted or SCRIPT FLUSH)
+makes the runner load the script and send that call again, and a call whose connection failed is sent
+again through redis-py's pool, with its retry and backoff. Both are safe because every script is
+idempotent (see each script's header).
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.autopipeline import AutoPipeline
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 SCRIPT_NAMES = ("hold", "confirm", "release", "get_hold", "availability", "seat_page", "reap")
@@ -43,6 +49,24 @@ class ScriptRunner:
         }
         self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._flushing: set[asyncio.Task] = set()
+        self.pipe: AutoPipeline | None = None
+        pool = getattr(client, "connection_pool", None)  # RedisCluster has none: per-tick redis-py pipelines
+        if (
+            auto_pipeline
+            and pool is not None
+            and AutoPipeline.supports(pool.connection_kwargs, pool.connection_class)
+        ):
+            kw = pool.connection_kwargs
+            self.pipe = AutoPipeline(
+                kw,
+                timeout_seconds=kw.get("socket_timeout") or 5.0,
+                connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
+            )
+
+    def close(self) -> None:
+        """Close the auto-pipeline connection (the client's pool is the caller's to close)."""
+        if self.pipe is not None:
+            self.pipe.close()
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (at start-up, so the first requests don't pay for it)."""
@@ -57,6 +81,11 @@ class ScriptRunner:
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA ``name`` and return its reply. Raises redis.exceptions.RedisError on failure."""
         script = self.scripts[name]
+        if self.pipe is not None:
+            try:
+                return await self.pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except (NoScriptError, RedisConnectionError, RedisTimeoutError):
+                return await script(keys=keys, args=args)  # loads it if need be; retries with backoff
         if not self.auto_pipeline:
             return await script(keys=keys, args=args)
         fut = asyncio.get_running_loop().create_future()

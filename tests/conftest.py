@@ -166,7 +166,9 @@ async def inventory(private_settings) -> AsyncIterator[Inventory]:
     from service.app import redis_client
 
     client = redis_client(private_settings.redis_url, private_settings)
-    yield Inventory(client, private_settings)
+    inventory = Inventory(client, private_settings)
+    yield inventory
+    inventory.close()
     await client.aclose()
 
 

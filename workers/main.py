@@ -73,6 +73,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await asyncio.wait_for(ctx["pg"].close(), 5)
     except TimeoutError:
         ctx["pg"].terminate()
+    ctx["inventory"].close()
     await ctx["redis_client"].aclose()
     log.info("worker stopped")
 

@@ -1,0 +1,182 @@
+"""AutoPipeline (service/autopipeline.py) against real redis-servers: order, errors, failures, handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from loadtests.local import free_port, redis_server_binary, stop_process, throwaway_redis
+from service.app import redis_client
+from service.autopipeline import CLIENT_NAME, AutoPipeline
+from service.scripts import ScriptRunner
+
+
+def _pipe(url: str, timeout_seconds: float = 5.0) -> AutoPipeline:
+    pool = aioredis.ConnectionPool.from_url(url)
+    return AutoPipeline(pool.connection_kwargs, timeout_seconds=timeout_seconds, connect_timeout_seconds=2)
+
+
+@contextlib.contextmanager
+def redis_with(*args: str) -> Iterator[Path]:
+    """A private redis-server started with extra arguments; yields its working directory."""
+    workdir = Path(tempfile.mkdtemp(prefix="boxoffice-redis-"))
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--save", "", "--appendonly", "no", "--dir", str(workdir), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield workdir
+    finally:
+        stop_process(proc)
+
+
+def _wait_ping(client: redis.Redis) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.exceptions.AuthenticationError:
+            return  # it answers
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def test_concurrent_callers_get_their_own_replies_in_order():
+    with throwaway_redis() as url:
+        pipe = _pipe(url)
+        # one tick: 300 commands, one write; each caller must get its own reply
+        replies = await asyncio.gather(*[pipe.execute("INCR", "n") for _ in range(300)])
+        assert replies == list(range(1, 301))
+        sets = [pipe.execute("SET", f"k{i}", f"v{i}") for i in range(50)]
+        gets = [pipe.execute("GET", f"k{i}") for i in range(50)]
+        results = await asyncio.gather(*sets, *gets)
+        assert results[50:] == [f"v{i}".encode() for i in range(50)]
+        clients = redis.Redis.from_url(url).client_list()
+        assert sum(c["name"] == CLIENT_NAME for c in clients) == 1  # one connection for all of it
+        pipe.close()
+
+
+async def test_an_error_reply_fails_only_its_own_caller():
+    with throwaway_redis() as url:
+        pipe = _pipe(url)
+        await pipe.execute("SET", "s", "x")
+        results = await asyncio.gather(
+            pipe.execute("PING"),
+            pipe.execute("EVALSHA", "0" * 40, 0),
+            pipe.execute("INCR", "s"),
+            pipe.execute("GET", "s"),
+            return_exceptions=True,
+        )
+        assert results[0] == b"PONG"
+        assert isinstance(results[1], NoScriptError)  # redis-py's own classes, so callers catch them as usual
+        assert isinstance(results[2], ResponseError) and "not an integer" in str(results[2])
+        assert results[3] == b"x"
+        pipe.close()
+
+
+async def test_a_killed_connection_fails_pending_callers_and_the_next_call_reconnects():
+    with throwaway_redis() as url:
+        pipe = _pipe(url)
+        assert await pipe.execute("PING") == b"PONG"
+        admin = redis.Redis.from_url(url)
+        blocked = asyncio.ensure_future(pipe.execute("BLPOP", "never", 0))  # pending until killed
+        await asyncio.sleep(0.2)
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(blocked, 5)
+        assert await pipe.execute("PING") == b"PONG"
+        pipe.close()
+
+
+async def test_no_reply_within_the_timeout_is_a_timeout_error():
+    with throwaway_redis() as url:
+        pipe = _pipe(url, timeout_seconds=0.5)
+        assert await pipe.execute("PING") == b"PONG"
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+        started = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            await pipe.execute("GET", "x")
+        assert time.monotonic() - started < 2.5  # the watchdog, not the pause's end
+        admin.execute_command("CLIENT", "UNPAUSE")
+        assert await pipe.execute("PING") == b"PONG"  # reconnected
+        pipe.close()
+
+
+async def test_a_server_that_is_down_is_a_connection_error():
+    pipe = _pipe(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RedisConnectionError):
+        await pipe.execute("PING")
+
+
+async def test_auth_and_select_come_from_the_url():
+    port = free_port()
+    with redis_with("--port", str(port), "--bind", "127.0.0.1", "--requirepass", "s3cret"):
+        _wait_ping(redis.Redis(port=port))
+        pipe = _pipe(f"redis://:s3cret@127.0.0.1:{port}/3")
+        assert await pipe.execute("SET", "where", "db3") == b"OK"
+        assert redis.Redis(port=port, password="s3cret", db=3).get("where") == b"db3"
+        assert redis.Redis(port=port, password="s3cret", db=0).get("where") is None
+        pipe.close()
+        wrong = _pipe(f"redis://:nope@127.0.0.1:{port}/0")
+        with pytest.raises(AuthenticationError):
+            await wrong.execute("PING")
+
+
+async def test_a_unix_socket():
+    with redis_with("--port", "0", "--unixsocket", "redis.sock") as workdir:
+        sock = workdir / "redis.sock"
+        _wait_ping(redis.Redis(unix_socket_path=str(sock)))
+        pipe = _pipe(f"unix://{sock}?db=2")
+        assert await pipe.execute("SET", "u", "1") == b"OK"
+        assert redis.Redis(unix_socket_path=str(sock), db=2).get("u") == b"1"
+        pipe.close()
+
+
+def test_one_pipe_survives_a_new_event_loop():
+    with throwaway_redis() as url:
+        pipe = _pipe(url)
+        assert asyncio.run(pipe.execute("INCR", "loops")) == 1
+        assert asyncio.run(pipe.execute("INCR", "loops")) == 2  # the first loop's connection is not reused
+
+
+async def test_script_runner_uses_it_only_where_it_applies(settings):
+    with throwaway_redis() as url:
+        client = redis_client(url, settings)
+        assert ScriptRunner(client).pipe is not None
+        assert ScriptRunner(client, auto_pipeline=False).pipe is None
+        await client.aclose()
+        tls = aioredis.Redis.from_url(url.replace("redis://", "rediss://"))
+        assert ScriptRunner(tls).pipe is None  # TLS: redis-py's pipeline per tick
+        await tls.aclose()
+
+
+async def test_script_runner_recovers_from_script_flush_and_a_killed_connection(settings):
+    with throwaway_redis() as url:
+        client = redis_client(url, settings)
+        runner = ScriptRunner(client)
+        admin = redis.Redis.from_url(url)
+        admin.hset("{evt:x}:meta", "status", "on_sale")
+        assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0
+        admin.script_flush()  # NOSCRIPT: loaded again, the call sent again
+        assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0
+        admin.client_kill_filter(_type="normal", skipme=True)  # the pipe's connection among them
+        assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0
+        runner.close()
+        await client.aclose()
