@@ -7,6 +7,7 @@ tests import from here, never the other way round.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -185,7 +186,13 @@ def iso_ms(ms: int | None) -> str | None:
     if ms is None:
         return None
     seconds, millis = divmod(int(ms), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_iso_seconds(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    """Cached: every hold of one second shares it, and strftime costs more than the rest of a reply's view."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def check_ident(value: str, what: str) -> str:

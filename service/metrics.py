@@ -7,7 +7,9 @@ uvicorn workers and arq workers count. See https://prometheus.github.io/client_p
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -60,6 +62,14 @@ DRIFT = Gauge(
     ["event_id", "kind"],
     multiprocess_mode="mostrecent",
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: Counter | Gauge | Histogram, *labelvalues: str) -> Any:
+    """``metric.labels(*labelvalues)``, cached: prometheus-client validates and locks on every ``labels``
+    call, which costs more than the increment itself on the request path. Label values must be bounded
+    (routes, error codes, event ids), as Prometheus wants anyway."""
+    return metric.labels(*labelvalues)
 
 
 def render() -> tuple[bytes, str]:

@@ -49,7 +49,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             route = self.templates.get(scope.get("endpoint"), "unmatched")
-            metrics.REQUEST_SECONDS.labels(scope["method"], route, str(status)).observe(
+            metrics.child(metrics.REQUEST_SECONDS, scope["method"], route, str(status)).observe(
                 time.perf_counter() - started
             )
             request_id.reset(token)

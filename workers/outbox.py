@@ -326,7 +326,7 @@ async def write_batch(pg: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]
             log.warning("write-through batch rolled back (%s); retrying", exc)
     now_ms = time.time() * 1000
     for event_id in recorded:
-        metrics.DEAD_LETTERS.labels(event_id).inc()
+        metrics.child(metrics.DEAD_LETTERS, event_id).inc()
     refused_ids = set(refused)
     counted: set[str] = set()
     for o in orders:
@@ -335,7 +335,7 @@ async def write_batch(pg: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]
         if o.order_id in new and o.order_id not in counted:
             counted.add(o.order_id)
             result.written.append(o.order_id)
-            metrics.PERSISTED.labels(o.event_id).inc()
+            metrics.child(metrics.PERSISTED, o.event_id).inc()
             metrics.WRITE_LAG_SECONDS.observe(max(0.0, (now_ms - o.confirmed_at_ms) / 1000))
         else:
             result.duplicates.append(o.order_id)
@@ -549,9 +549,9 @@ class OutboxConsumer:
         for i, e in enumerate(event_ids):
             length, pending = replies[2 * i], replies[2 * i + 1]
             if not isinstance(length, Exception):
-                metrics.OUTBOX_LENGTH.labels(e).set(length)
+                metrics.child(metrics.OUTBOX_LENGTH, e).set(length)
             if isinstance(pending, dict):
-                metrics.OUTBOX_PENDING.labels(e).set(pending.get("pending", 0))
+                metrics.child(metrics.OUTBOX_PENDING, e).set(pending.get("pending", 0))
 
     async def run_forever(self, stop_event: asyncio.Event) -> None:
         """Pass after pass until ``stop_event`` is set; a pass that found nothing sleeps

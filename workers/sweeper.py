@@ -25,7 +25,7 @@ async def sweep_once(inventory: Inventory) -> int:
     reaped = await asyncio.gather(*(inventory.reap(e) for e in event_ids))
     for event_id, n in zip(event_ids, reaped, strict=True):
         if n:
-            metrics.EXPIRIES.labels(event_id).inc(n)
+            metrics.child(metrics.EXPIRIES, event_id).inc(n)
     return sum(reaped)
 
 
