@@ -125,4 +125,8 @@ redis.call('ZADD', prefix .. 'expiry', expires_at, hold_id)
 if idem then
   redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', tonumber(ARGV[7]))
 end
-return cjson.encode({ hold = hold_view(prefix, hold_id), replay = false })
+-- The view hold_view would read back, built from what is at hand (no HGETALL, no second decode).
+return cjson.encode({ hold = {
+  hold_id = hold_id, customer_id = customer_id, status = 'active', items = items, tickets = tickets,
+  amount_cents = amount, created_at_ms = now, expires_at_ms = expires_at,
+}, replay = false })

@@ -69,6 +69,7 @@ async def test_hold_confirm_moves_stock_and_writes_outbox(inv):
     hold, replay = await inv.hold(eid, req(ga=3, seats=["A1", "A2"]))
     assert not replay and hold["status"] == "active" and hold["tickets"] == 5
     assert hold["amount_cents"] == 3 * 1000 + 2 * 5000
+    assert hold == await inv.get_hold(eid, hold["hold_id"])  # the reply is the stored hold, field for field
     z = await zones(inv, eid)
     assert (z["ga"]["available"], z["ga"]["held"]) == (7, 3)
     assert (z["s"]["available"], z["s"]["held"]) == (2, 2)
