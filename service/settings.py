@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     redis_retry_after_seconds: int = 1
     """Retry-After sent with 503 when Redis does not answer."""
     auto_pipeline: bool = True
-    """Batch concurrent requests' script calls into one pipeline per event-loop tick."""
+    """Send the script calls of one event-loop tick in one write on one shared connection (service/autopipeline.py;
+    a redis-py pipeline per tick over TLS or Redis Cluster). False: one pooled round trip per call."""
 
     # PostgreSQL client
     pg_pool_min: int = 1
