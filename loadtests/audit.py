@@ -279,7 +279,8 @@ async def audit_event(
     Never raises for a failed check (it becomes a Violation); Redis and PostgreSQL errors propagate.
     """
     report = AuditReport(event_id)
-    inventory = Inventory(redis, settings or Settings())
+    # one-shot reads: the pooled client suffices, no auto-pipeline connection to close afterwards
+    inventory = Inventory(redis, (settings or Settings()).model_copy(update={"auto_pipeline": False}))
     confirms = [a for a in acks if a.get("kind", "confirmed") == "confirmed"]
     report.acks = len(confirms)
 

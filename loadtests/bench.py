@@ -389,9 +389,11 @@ async def _with_inventory(settings: Settings, fn):
     from service.inventory import Inventory
 
     client = redis_client(settings.redis_url, settings)
+    inventory = Inventory(client, settings)
     try:
-        return await fn(Inventory(client, settings))
+        return await fn(inventory)
     finally:
+        inventory.close()
         await client.aclose()
 
 

@@ -210,6 +210,7 @@ async def _bench(rates: list[float], seconds: float, runs: int, drain_orders: in
                 )
         finally:
             await pg.close()
+            inventory.close()
             await client.aclose()
 
 

@@ -20,6 +20,7 @@ Error replies are raised as redis-py's own exception classes (``NoScriptError``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import deque
 from typing import Any
@@ -44,20 +45,21 @@ class AutoPipeline:
         self.connect_timeout_seconds = connect_timeout_seconds
         self._conn: _Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connection belongs to
-        self._connecting: asyncio.Future | None = None
+        self._connecting: asyncio.Task | None = None
 
     @staticmethod
     def supports(connection_kwargs: dict[str, Any], connection_class: type) -> bool:
-        """True for a plain TCP or unix-socket connection with at most a username and password."""
+        """True for a plain TCP or unix-socket RESP2 connection with bytes replies, authenticated (if at all) by
+        a username and/or password. Not applied from redis-py's options: ``health_check_interval`` (the stall
+        watchdog fails a connection that has not answered for ``timeout_seconds`` instead) and socket options
+        other than TCP_NODELAY and SO_KEEPALIVE."""
         from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
         if connection_class not in (Connection, UnixDomainSocketConnection):
             return False  # TLS (SSLConnection) or a custom class
-        return not connection_kwargs.get("credential_provider") and connection_kwargs.get("protocol") in (
-            None,
-            2,
-            "2",
-        )
+        if connection_kwargs.get("credential_provider") or connection_kwargs.get("decode_responses"):
+            return False  # replies here are always bytes, as the fallback's are
+        return connection_kwargs.get("protocol") in (None, 2, "2")
 
     async def execute(self, *args: Any) -> Any:
         """Send one command; return its reply (bytes, int, list ...). Raises redis.exceptions.RedisError."""
@@ -70,22 +72,25 @@ class AutoPipeline:
         return await fut
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        """Connect once for every caller that needs it. The connect runs in its own task, so a caller that is
+        cancelled while waiting stops waiting without cancelling the connect the others wait for."""
         if self._loop is not loop:  # first use, or a new event loop (the old loop's connection is unusable)
-            self._loop, self._conn, self._connecting = loop, None, None
-        if self._connecting is not None:  # another caller is connecting: wait for it
-            return await asyncio.shield(self._connecting)
-        self._connecting = connecting = loop.create_future()
-        try:
-            conn = await self._open(loop)
-            self._conn = conn
-            connecting.set_result(conn)
-            return conn
-        except BaseException as exc:
-            connecting.set_exception(exc)
-            connecting.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-            raise
-        finally:
+            self.close()
+            self._loop = loop
+        if self._connecting is None:
+            self._connecting = loop.create_task(self._open(loop))
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, task: asyncio.Task) -> None:
+        if self._connecting is task:
             self._connecting = None
+            if not task.cancelled() and task.exception() is None:
+                self._conn = task.result()
+        elif not task.cancelled() and task.exception() is None:  # close() came first: nobody may use it
+            task.result().close()
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when nobody waits any more
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         """A new connection with AUTH, CLIENT SETNAME and SELECT done. Raises ConnectionError, AuthenticationError."""
@@ -101,9 +106,12 @@ class AutoPipeline:
             await asyncio.wait_for(coro, self.connect_timeout_seconds)
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from exc
-        hello: list[tuple[Any, ...]] = [("CLIENT", "SETNAME", CLIENT_NAME)]  # to be found in CLIENT LIST
-        if kw.get("password"):
-            hello.insert(0, ("AUTH", *([kw["username"]] if kw.get("username") else []), kw["password"]))
+        name = kw.get("client_name") or CLIENT_NAME  # to be found in CLIENT LIST
+        hello: list[tuple[Any, ...]] = [("CLIENT", "SETNAME", name)]
+        if kw.get("username"):  # ACL user (https://redis.io/docs/latest/commands/auth/)
+            hello.insert(0, ("AUTH", kw["username"], kw.get("password") or ""))
+        elif kw.get("password"):
+            hello.insert(0, ("AUTH", kw["password"]))
         if int(kw.get("db") or 0):
             hello.append(("SELECT", int(kw["db"])))
         futs = []
@@ -111,7 +119,11 @@ class AutoPipeline:
             fut = loop.create_future()
             conn.queue(hiredis.pack_command(cmd), fut)
             futs.append(fut)
-        results = await asyncio.gather(*futs, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*futs, return_exceptions=True)
+        except BaseException:  # cancelled mid-handshake: nobody will ever use this connection
+            conn.close()
+            raise
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:  # e.g. AuthenticationError
             conn.close()
@@ -119,7 +131,9 @@ class AutoPipeline:
         return conn
 
     def close(self) -> None:
-        """Close the connection; pending callers get ConnectionError."""
+        """Close the connection (and drop a connect in progress); pending callers get ConnectionError."""
+        if self._connecting is not None:
+            self._connecting = None  # _connected closes what it brings
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -131,6 +145,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, timeout_seconds: float):
         self.timeout_seconds = timeout_seconds
         self.closed = False
+        self._error: Exception | None = None  # why it closed, for callers that come after
         self._transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self._reader = hiredis.Reader()
         self._pending: deque[asyncio.Future] = deque()
@@ -141,8 +156,10 @@ class _Connection(asyncio.Protocol):
 
     def queue(self, packed: bytes, fut: asyncio.Future) -> None:
         if self.closed:
-            fut.set_exception(RedisConnectionError("Redis connection closed"))
+            fut.set_exception(self._error or RedisConnectionError("Redis connection closed"))
             return
+        if not self._pending:  # idle until now: the stall clock starts here, not at the last old reply
+            self._last_reply = asyncio.get_running_loop().time()
         self._pending.append(fut)
         self._out.append(packed)
         if not self._flush_scheduled:
@@ -175,19 +192,21 @@ class _Connection(asyncio.Protocol):
         self._fail(RedisConnectionError("Redis connection closed"))
 
     def _fail(self, exc: Exception) -> None:
-        """Mark closed, fail every pending caller with ``exc``, drop the transport."""
+        """Mark closed, fail every pending caller with ``exc``, drop the transport. Safe after the loop closed."""
         self.closed = True
+        self._error = exc
         self._out = []
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
         pending, self._pending = self._pending, deque()
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(exc)
-        if self._transport is not None:
-            self._transport.abort()
-            self._transport = None
+        watchdog, self._watchdog = self._watchdog, None
+        transport, self._transport = self._transport, None
+        with contextlib.suppress(RuntimeError):  # "Event loop is closed": its callers and socket are gone too
+            if watchdog is not None:
+                watchdog.cancel()
+            for fut in pending:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if transport is not None:
+                transport.abort()
 
     # asyncio.Protocol ---------------------------------------------------------------------------------
 
@@ -196,6 +215,7 @@ class _Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # asyncio's default; uvloop's too
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a peer gone silently is noticed
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -203,6 +223,9 @@ class _Connection(asyncio.Protocol):
         pending = self._pending
         gets = self._reader.gets
         while (reply := gets()) is not False:
+            if not pending:  # a reply nobody asked for, e.g. "-ERR max number of clients reached" on connect
+                self._fail(RedisConnectionError(f"unexpected reply from Redis: {reply!r}"))
+                return
             fut = pending.popleft()
             if fut.done():  # the caller was cancelled
                 continue

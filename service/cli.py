@@ -176,10 +176,12 @@ def _event_call(coro_fn, *args):
     async def go():
         client = redis_client(settings.redis_url, settings)
         pool = await db.create_pool(settings.database_url)
+        inventory = Inventory(client, settings)
         try:
-            return await coro_fn(pool, Inventory(client, settings), *args)
+            return await coro_fn(pool, inventory, *args)
         finally:
             await pool.close()
+            inventory.close()
             await client.aclose()
 
     return asyncio.run(go())

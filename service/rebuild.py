@@ -180,6 +180,7 @@ async def _cli(settings: Settings, *, event_id: str | None, resume: bool) -> int
                 bar.advance(events)
     finally:
         await pool.close()
+        inventory.close()
         await client.aclose()
     if results:
         table = Table(title="Rebuilt from PostgreSQL")

@@ -180,3 +180,82 @@ async def test_script_runner_recovers_from_script_flush_and_a_killed_connection(
         assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0
         runner.close()
         await client.aclose()
+
+
+async def test_a_command_sent_after_an_idle_spell_gets_its_full_timeout():
+    """The stall clock starts when a command goes out, not at the last reply before an idle spell."""
+    with throwaway_redis() as url:
+        pipe = _pipe(url, timeout_seconds=1.0)
+        assert await pipe.execute("PING") == b"PONG"
+        await asyncio.sleep(0.9)  # the watchdog armed by the PING is about to look
+        busy_300_ms = """
+            local function us() local t = redis.call('TIME'); return t[1] * 1000000 + t[2] end
+            local start = us()
+            while us() - start < 300000 do end
+            return 'done'"""
+        assert await pipe.execute("EVAL", busy_300_ms, 0) == b"done"
+        pipe.close()
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_others_connect():
+    with throwaway_redis() as url:
+        pipe = _pipe(url)
+        callers = [asyncio.ensure_future(pipe.execute("PING")) for _ in range(4)]
+        await asyncio.sleep(0)  # the first has started the connect; the others wait for it
+        callers[0].cancel()
+        results = await asyncio.gather(*callers, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert results[1:] == [b"PONG"] * 3
+        pipe.close()
+
+
+async def test_close_during_the_handshake_leaves_no_connection_behind():
+    with throwaway_redis() as url:
+        admin = redis.Redis.from_url(url)
+        pipe = _pipe(url)
+        admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")  # holds CLIENT SETNAME
+        caller = asyncio.ensure_future(pipe.execute("PING"))
+        await asyncio.sleep(0.3)
+        pipe.close()
+        admin.execute_command("CLIENT", "UNPAUSE")
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(caller, 5)
+        await asyncio.sleep(0.2)
+        assert not [c for c in admin.client_list() if c["name"] == CLIENT_NAME]
+
+
+async def test_an_acl_user_without_a_password_is_authenticated_as_that_user():
+    with throwaway_redis() as url:
+        admin = redis.Redis.from_url(url)
+        admin.acl_setuser("alice", enabled=True, nopass=True, keys=["app:*"], commands=["+@all"])
+        pipe = _pipe(url.replace("redis://", "redis://alice@"))
+        assert await pipe.execute("ACL", "WHOAMI") == b"alice"
+        with pytest.raises(ResponseError):  # NOPERM: alice's keys only, not the default user's
+            await pipe.execute("SET", "other:key", "x")
+        pipe.close()
+
+
+async def test_a_server_at_maxclients_is_a_connection_error_not_a_protocol_crash():
+    port = free_port()
+    with redis_with("--port", str(port), "--bind", "127.0.0.1", "--maxclients", "1"):
+        holder = redis.Redis(port=port)
+        _wait_ping(holder)  # holds the only slot
+        loop_errors: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: loop_errors.append(ctx))
+        try:
+            with pytest.raises(RedisConnectionError, match="max number of clients"):
+                await _pipe(f"redis://127.0.0.1:{port}/0").execute("PING")
+            await asyncio.sleep(0.1)
+        finally:
+            asyncio.get_running_loop().set_exception_handler(None)
+        assert loop_errors == []
+        holder.close()
+
+
+def test_supports_refuses_options_it_would_ignore():
+    from redis.asyncio.connection import Connection, SSLConnection
+
+    assert AutoPipeline.supports({"host": "h"}, Connection)
+    assert not AutoPipeline.supports({"host": "h"}, SSLConnection)
+    assert not AutoPipeline.supports({"host": "h", "decode_responses": True}, Connection)
+    assert not AutoPipeline.supports({"host": "h", "protocol": 3}, Connection)

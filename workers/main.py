@@ -131,16 +131,13 @@ async def reconcile(ctx: dict[str, Any]) -> Any:
 async def _reconcile_alone(cron_reconcile, settings: Settings) -> Any:
     client = redis_client(settings.redis_url, settings)
     pg = await db.create_pool(settings.database_url, min_size=0, max_size=2)
+    inventory = Inventory(client, settings)
     try:
-        ctx = {
-            "settings": settings,
-            "inventory": Inventory(client, settings),
-            "pg": pg,
-            "redis_client": client,
-        }
+        ctx = {"settings": settings, "inventory": inventory, "pg": pg, "redis_client": client}
         return await cron_reconcile(ctx)
     finally:
         await pg.close()
+        inventory.close()
         await client.aclose()
 
 

@@ -1145,6 +1145,7 @@ async def _cli(settings: Settings, *, event_id: str | None, repair: bool, as_jso
                 progress.advance(task)
     finally:
         await pool.close()
+        inventory.close()
         await client.aclose()
     if as_json:
         body = {"clean": all(r.clean for r in reports), "events": [r.as_dict() for r in reports]}
