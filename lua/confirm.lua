@@ -43,10 +43,7 @@ end
 if hold.status == 'confirmed' then
   return cjson.encode({ order = order_of(hold), created = false })
 end
-if hold.status == 'active' and hold.expires_at_ms <= now then
-  end_hold(prefix, hold_id, 'expired', now, retention)
-  hold.status = 'expired'
-end
+hold.status = settle(prefix, hold_id, hold.status, hold.expires_at_ms, now, retention)
 if hold.status == 'expired' then return fail('hold_expired', { expires_at_ms = hold.expires_at_ms }) end
 if hold.status == 'released' then return fail('hold_released') end
 

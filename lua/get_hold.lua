@@ -20,8 +20,5 @@ local now = now_ms()
 reap(prefix, now, tonumber(ARGV[3]), retention)
 local hold = hold_view(prefix, hold_id)
 if not hold then return fail('hold_not_found') end
-if hold.status == 'active' and hold.expires_at_ms <= now then
-  end_hold(prefix, hold_id, 'expired', now, retention)
-  hold = hold_view(prefix, hold_id)
-end
+hold.status = settle(prefix, hold_id, hold.status, hold.expires_at_ms, now, retention)
 return cjson.encode({ hold = hold })

@@ -22,16 +22,12 @@ if redis.call('EXISTS', meta_key) == 0 then return fail('event_not_found') end
 local now = now_ms()
 reap(prefix, now, tonumber(ARGV[3]), retention)
 
-local status = redis.call('HGET', prefix .. 'hold:' .. hold_id, 'status')
-if not status then return fail('hold_not_found') end
+local h = redis.call('HMGET', prefix .. 'hold:' .. hold_id, 'status', 'expires_at_ms')
+if not h[1] then return fail('hold_not_found') end
+local status = settle(prefix, hold_id, h[1], h[2], now, retention)
 if status == 'confirmed' then return fail('hold_confirmed') end
 if status == 'active' then
-  local expires_at = tonumber(redis.call('HGET', prefix .. 'hold:' .. hold_id, 'expires_at_ms'))
-  if expires_at <= now then
-    end_hold(prefix, hold_id, 'expired', now, retention)
-    return cjson.encode({ status = 'expired' })
-  end
   end_hold(prefix, hold_id, 'released', now, retention)
-  return cjson.encode({ status = 'released' })
+  status = 'released'
 end
 return cjson.encode({ status = status })

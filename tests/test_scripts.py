@@ -131,6 +131,26 @@ async def test_confirm_after_expiry_before_reap_is_refused(inv):
     assert z["s"]["available"] == 4 and z["s"]["sold"] == 0
 
 
+async def test_a_run_out_hold_still_waiting_to_be_reaped_acts_expired_everywhere(any_redis):
+    """Reaping one hold per call leaves the others queued: get_hold, release and confirm each settle theirs."""
+    settings = Settings(redis_url="redis://unused", database_url="postgresql://unused", reap_batch=1)
+    inv = Inventory(any_redis, settings)
+    eid = new_event_id("settle")
+    await inv.load_event(spec(eid, ga=6))
+    try:
+        holds = [(await inv.hold(eid, req(customer=f"c{i}", ga=1, ttl=1)))[0]["hold_id"] for i in range(6)]
+        await asyncio.sleep(1.1)
+        # each call reaps the oldest queued hold, then meets its own hold expired but not yet reaped
+        assert (await inv.get_hold(eid, holds[1]))["status"] == "expired"
+        assert await inv.release(eid, holds[3]) == "expired"
+        assert await code_of(inv.confirm(eid, holds[5], "pi")) == "hold_expired"
+        z = (await zones(inv, eid))["ga"]
+        assert z["held"] == 6 - 6 and z["available"] == 6  # 3 reaped + 3 settled: all stock is back
+        assert [(await inv.get_hold(eid, h))["status"] for h in holds] == ["expired"] * 6
+    finally:
+        await inv.unload_event(eid)
+
+
 async def test_same_hold_id_twice_is_one_hold(inv, monkeypatch):
     """redis-py may resend a script after a timeout: the second run must change nothing."""
     inv, eid = inv

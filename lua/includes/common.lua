@@ -89,6 +89,17 @@ local function end_hold(prefix, hold_id, status, at_ms, retention_seconds)
   return true
 end
 
+-- A hold's status as of `now`: an active hold past its expires_at_ms is ended as expired here and now (it
+-- may still wait in the reaping queue), so no script acts on a hold that has run out. The one place
+-- that rule lives; returns the status after that.
+local function settle(prefix, hold_id, status, expires_at_ms, now, retention_seconds)
+  if status == 'active' and tonumber(expires_at_ms) <= now then
+    end_hold(prefix, hold_id, 'expired', now, retention_seconds)
+    return 'expired'
+  end
+  return status
+end
+
 -- Reap up to `limit` holds whose expires_at_ms <= now. Returns how many were reaped.
 local function reap(prefix, now, limit, retention_seconds)
   local ids = redis.call('ZRANGEBYSCORE', prefix .. 'expiry', '-inf', now, 'LIMIT', 0, limit)
