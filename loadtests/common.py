@@ -86,6 +86,17 @@ class AckLog:
         self._file.write(orjson.dumps({"kind": kind, "event_id": self.event_id, **fields}) + b"\n")
         self._file.flush()
 
+    def confirmed(self, order: dict[str, Any], hold: dict[str, Any]) -> None:
+        """Record a ``201 confirmed``: the order body as the API answered it, and its hold's body."""
+        self.record(
+            "confirmed",
+            order_id=order["order_id"],
+            hold_id=hold["hold_id"],
+            items=order["items"],
+            confirmed_at_ms=iso_to_ms(order["confirmed_at"]),
+            expires_at_ms=iso_to_ms(hold["expires_at"]),
+        )
+
     def close(self) -> None:
         self._file.close()
 

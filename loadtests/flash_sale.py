@@ -206,18 +206,10 @@ class FlashSaleCustomer(FastHttpUser):
             results = [self._post_confirm(base, hold, name), second.get()]
         else:
             results = [self._post_confirm(base, hold, name)]
-        expires_at_ms = common.iso_to_ms(hold["expires_at"])
         orders = {}
         for status, order, _ in results:
             if status == 201:
-                sale.acks.record(
-                    "confirmed",
-                    order_id=order["order_id"],
-                    hold_id=hold["hold_id"],
-                    items=order["items"],
-                    confirmed_at_ms=common.iso_to_ms(order["confirmed_at"]),
-                    expires_at_ms=expires_at_ms,
-                )
+                sale.acks.confirmed(order, hold)
             if order is not None:
                 orders[order["order_id"]] = order
         if len(orders) > 1:
@@ -237,14 +229,7 @@ class FlashSaleCustomer(FastHttpUser):
                     f"{again and again['order_id']} (first {order['order_id']})",
                 )
                 if status == 201 and again is not None:
-                    sale.acks.record(
-                        "confirmed",
-                        order_id=again["order_id"],
-                        hold_id=hold["hold_id"],
-                        items=again["items"],
-                        confirmed_at_ms=common.iso_to_ms(again["confirmed_at"]),
-                        expires_at_ms=expires_at_ms,
-                    )
+                    sale.acks.confirmed(again, hold)
         if random.random() < READ_ORDER:
             self.client.get(f"{base}/orders/{order['order_id']}", name="GET order")
 

@@ -112,14 +112,7 @@ class Browser(FastHttpUser):
                     resp.failure(f"{resp.status_code} {(resp.text or str(resp.error))[:200]}")
                     return
                 order = resp.json()
-            sale.acks.record(
-                "confirmed",
-                order_id=order["order_id"],
-                hold_id=hold["hold_id"],
-                items=order["items"],
-                confirmed_at_ms=common.iso_to_ms(order["confirmed_at"]),
-                expires_at_ms=common.iso_to_ms(hold["expires_at"]),
-            )
+            sale.acks.confirmed(order, hold)
         else:
             with self.client.post(
                 f"{base}/holds/{hold['hold_id']}/release", name="POST release", catch_response=True
