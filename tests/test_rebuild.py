@@ -32,18 +32,9 @@ async def scratch_app_and_client(scratch_settings):
 
 
 @pytest.fixture(scope="module")
-def scratch_app(scratch_app_and_client):
-    return scratch_app_and_client[0]
-
-
-@pytest.fixture(scope="module")
-def scratch_client(scratch_app_and_client) -> httpx.AsyncClient:
-    return scratch_app_and_client[1]
-
-
-@pytest.fixture(scope="module")
-def scratch(scratch_app, scratch_client, scratch_settings):
+def scratch(scratch_app_and_client, scratch_settings):
     """(http client, Inventory, asyncpg pool, settings, write_through(event_id)) on the throw-away Redis."""
+    scratch_app, scratch_client = scratch_app_and_client
     inventory: Inventory = scratch_app.state.inventory
     consumer = OutboxConsumer(inventory.client, scratch_app.state.pg, scratch_settings, name="test-writer")
 
