@@ -51,10 +51,10 @@ local order_id = ARGV[2]
 move_stock(prefix, hold.items, 'held', 'sold', 's:' .. order_id)
 local hkey = prefix .. 'hold:' .. hold_id
 redis.call('HSET', hkey, 'status', 'confirmed', 'order_id', order_id, 'payment_ref', ARGV[3],
-  'confirmed_at_ms', now, 'ended_at_ms', now)
-redis.call('EXPIRE', hkey, retention)
+  'confirmed_at_ms', int(now), 'ended_at_ms', int(now))
+redis.call('EXPIRE', hkey, int(retention))
 redis.call('ZREM', prefix .. 'expiry', hold_id)
-redis.call('SET', prefix .. 'order:' .. order_id, hold_id, 'EX', retention)
+redis.call('SET', prefix .. 'order:' .. order_id, hold_id, 'EX', int(retention))
 
 hold.order_id, hold.payment_ref, hold.confirmed_at_ms = order_id, ARGV[3], now
 local order = order_of(hold)

@@ -12,12 +12,16 @@
   ARGV[6]  body_sha256        hex digest of the canonical request body (compared on a key's reuse)
   ARGV[7]  idempotency_ttl_seconds  integer
   ARGV[8]  retention_seconds  integer, how long the hold record outlives its end
-  ARGV[9]  reap_limit         integer, most expired holds reaped first
+  ARGV[9]  reap_limit         integer, most expired holds reaped per batch, only when a refusal could
+                              come from holds that expired but wait to be reaped (the sweeper does the rest)
 
-  Returns JSON, one of:
-    {"hold": H, "replay": false}  created now (or by an earlier run with the same hold_id)
-    {"hold": H, "replay": true}   the idempotency key was used before with the same body
-    {"err": code, "details": {...}} with code in
+  Returns one of:
+    array [tickets, amount_cents, created_at_ms, expires_at_ms]  (integers) the hold was created now, as
+                                  ARGV asked: status active, items = ARGV[4]. The hot path: no JSON to
+                                  encode here nor to decode in the caller.
+    JSON {"hold": H, "replay": false}  an earlier run with the same hold_id created it
+    JSON {"hold": H, "replay": true}   the idempotency key was used before with the same body
+    JSON {"err": code, "details": {...}} with code in
       event_not_found, sale_paused, zone_not_found {zone_id}, invalid_item {zone_id, reason},
       unknown_seats {zone_id, seats}, ttl_too_long {max_ttl_seconds},
       idempotency_conflict, sold_out {zone_id, requested, available},
@@ -34,9 +38,15 @@ local idem_key, body_sha = ARGV[5], ARGV[6]
 local retention = tonumber(ARGV[8])
 
 local now = now_ms()
-reap(prefix, now, tonumber(ARGV[9]), retention)
+-- No reaping up front: a hold that fits does not need expired stock back, and every refusal below reaps
+-- and checks again. A hold read back is settled (an active one past its expiry is ended as expired).
+local function view(id)
+  local h = hold_view(prefix, id)
+  if h then h.status = settle(prefix, id, h.status, h.expires_at_ms, now, retention) end
+  return h
+end
 
-local existing = hold_view(prefix, hold_id)
+local existing = view(hold_id)
 if existing then return cjson.encode({ hold = existing, replay = false }) end
 
 local meta = redis.call('HMGET', meta_key, 'status', 'hold_ttl_seconds', 'max_tickets_per_customer')
@@ -49,7 +59,7 @@ if idem_key ~= '' then
   if seen then
     local sha, first_id = string.match(seen, '^(%S+) (%S+)$')
     if sha ~= body_sha then return fail('idempotency_conflict') end
-    local first = hold_view(prefix, first_id)
+    local first = view(first_id)
     if first then return cjson.encode({ hold = first, replay = true }) end
     -- the first hold's record is gone (past retention): treat the key as fresh
   end
@@ -114,19 +124,16 @@ local tickets, amount = result, extra
 
 -- Write.
 move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id)
-redis.call('HINCRBY', prefix .. 'customers', customer_id, tickets)
+redis.call('HINCRBY', prefix .. 'customers', customer_id, int(tickets))
 local expires_at = now + ttl_seconds * 1000
+local expires_s = int(expires_at)
 local hkey = prefix .. 'hold:' .. hold_id
 redis.call('HSET', hkey, 'hold_id', hold_id, 'customer_id', customer_id, 'status', 'active',
-  'items', ARGV[4], 'tickets', tickets, 'amount_cents', amount,
-  'created_at_ms', now, 'expires_at_ms', expires_at)
-redis.call('EXPIRE', hkey, ttl_seconds + retention)
-redis.call('ZADD', prefix .. 'expiry', expires_at, hold_id)
+  'items', ARGV[4], 'tickets', int(tickets), 'amount_cents', int(amount),
+  'created_at_ms', int(now), 'expires_at_ms', expires_s)
+redis.call('EXPIRE', hkey, int(ttl_seconds + retention))
+redis.call('ZADD', prefix .. 'expiry', expires_s, hold_id)
 if idem then
-  redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', tonumber(ARGV[7]))
+  redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', ARGV[7])
 end
--- The view hold_view would read back, built from what is at hand (no HGETALL, no second decode).
-return cjson.encode({ hold = {
-  hold_id = hold_id, customer_id = customer_id, status = 'active', items = items, tickets = tickets,
-  amount_cents = amount, created_at_ms = now, expires_at_ms = expires_at,
-}, replay = false })
+return { tickets, amount, now, expires_at }

@@ -13,7 +13,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from service import keys
-from service.domain import EVENT_ON_SALE, EventSpec, HoldRequest
+from service.domain import EVENT_ON_SALE, HOLD_ACTIVE, EventSpec, HoldRequest
 from service.errors import DomainError
 from service.scripts import ScriptRunner
 from service.settings import Settings
@@ -28,9 +28,19 @@ _VALIDATION = {
 }
 
 
+_ID_BYTES = 16
+_random = bytearray()
+"""os.urandom bytes not used yet: read 4 KiB at a time, one getrandom() system call per 256 ids."""
+os.register_at_fork(after_in_child=_random.clear)  # a forked child must never hand out its parent's ids
+
+
 def new_id(kind: str) -> str:
     """``h_``/``o_`` + 32 hex digits of os.urandom: unguessable, so a hold id is a bearer capability."""
-    return f"{kind}_{os.urandom(16).hex()}"
+    if len(_random) < _ID_BYTES:
+        _random.extend(os.urandom(256 * _ID_BYTES))
+    raw = _random[-_ID_BYTES:]
+    del _random[-_ID_BYTES:]
+    return f"{kind}_{raw.hex()}"
 
 
 def _reply(raw: bytes | str) -> dict[str, Any]:
@@ -73,18 +83,34 @@ class Inventory:
         Raises DomainError: event_not_found, zone_not_found, sale_paused, sold_out, seats_unavailable,
         limit_exceeded, idempotency_conflict, validation_failed.
         """
-        items = orjson.dumps([i.as_script_item() for i in req.items])
+        items = [i.as_script_item() for i in req.items]
+        hold_id = new_id("h")
         args = [
-            new_id("h"),
+            hold_id,
             req.customer_id,
             req.ttl_seconds or 0,
-            items,
+            orjson.dumps(items),
             idempotency_key,
             req.body_sha256() if idempotency_key else "",
             self.settings.idempotency_ttl_seconds,
-            *self._common(),
+            self.settings.hold_retention_seconds,
+            self.settings.reap_batch,
         ]
-        data = _reply(await self.runner.run("hold", [keys.meta(event_id)], args))
+        raw = await self.runner.run("hold", [keys.meta(event_id)], args)
+        if isinstance(raw, list):  # created now: the script sends only what it computed (see lua/hold.lua)
+            tickets, amount_cents, created_at_ms, expires_at_ms = raw
+            hold = {
+                "hold_id": hold_id,
+                "customer_id": req.customer_id,
+                "status": HOLD_ACTIVE,
+                "items": items,
+                "tickets": tickets,
+                "amount_cents": amount_cents,
+                "created_at_ms": created_at_ms,
+                "expires_at_ms": expires_at_ms,
+            }
+            return hold, False
+        data = _reply(raw)
         return data["hold"], data["replay"]
 
     async def confirm(self, event_id: str, hold_id: str, payment_ref: str) -> tuple[dict, bool]:

@@ -170,6 +170,27 @@ async def test_idempotency_key(inv):
     assert (await zones(inv, eid))["ga"]["held"] == 1
 
 
+async def test_hold_that_fits_leaves_reaping_to_the_sweeper_and_replays_settle(any_redis):
+    """hold.lua reaps only when a refusal could come from expired holds; what it reads back is settled."""
+    settings = Settings(redis_url="redis://unused", database_url="postgresql://unused")
+    inv = Inventory(any_redis, settings)
+    eid = new_event_id("lazy")
+    await inv.load_event(spec(eid, ga=3))
+    try:
+        first, _ = await inv.hold(eid, req(customer="a", ga=1, ttl=1), "key-a")
+        await asyncio.sleep(1.1)
+        fresh, _ = await inv.hold(eid, req(customer="b", ga=1))  # fits: the run-out hold stays queued
+        assert await inv.client.zscore(keys.prefix(eid) + "expiry", first["hold_id"]) is not None
+        again, replay = await inv.hold(eid, req(customer="a", ga=1, ttl=1), "key-a")
+        assert replay and again["hold_id"] == first["hold_id"] and again["status"] == "expired"
+        assert (await zones(inv, eid))["ga"]["held"] == 1  # settling the replay gave its ticket back
+        assert fresh["created_at_ms"] <= fresh["expires_at_ms"] - 600_000
+        assert isinstance(fresh["amount_cents"], int) and fresh["amount_cents"] == 1000
+        assert await inv.reap(eid) == 0  # nothing left: the replay's settle took it out of the queue
+    finally:
+        await inv.unload_event(eid)
+
+
 async def test_customer_limit_counts_holds_and_orders(any_redis):
     inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
     eid = new_event_id("lim")
@@ -276,3 +297,25 @@ async def test_expired_holds_beyond_one_reap_batch_never_refuse_a_buyer(any_redi
     await inv.hold(eid, req(customer="same", seats=["A2", "A3"]))  # the limit counts no expired holds
     await zones(inv, eid)
     await inv.unload_event(eid)
+
+
+def test_ids_are_unique_and_a_forked_child_never_reuses_its_parents():
+    """new_id hands out os.urandom bytes read ahead in 4 KiB; a fork must not copy what is left of them."""
+    import os
+
+    from service.inventory import new_id
+
+    first = new_id("h")  # the parent now holds unused random bytes
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.write(w, new_id("h").encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    child = os.read(r, 100).decode()
+    os.close(r)
+    ours = new_id("h")
+    assert child != ours and child != first
+    ids = {new_id("o") for _ in range(2000)}
+    assert len(ids) == 2000 and all(len(i) == 34 and i.startswith("o_") for i in ids)
