@@ -20,7 +20,7 @@ from service.domain import (
     iso_ms,
 )
 from service.errors import DomainError, validation_failed
-from service.http import JSON, read_json, require_admin
+from service.http import JSON, header, read_json, require_admin
 
 
 def _event_id(request: Request) -> str:
@@ -143,7 +143,7 @@ async def seats(request: Request) -> JSON:
 
 async def create_hold(request: Request) -> JSON:
     event_id = _event_id(request)
-    key = check_idempotency_key(request.headers.get("idempotency-key"))
+    key = check_idempotency_key(header(request, b"idempotency-key"))
     req = await read_json(request, HoldRequest)
     hold, replay = await request.app.state.inventory.hold(event_id, req, key)
     if not replay:

@@ -185,8 +185,12 @@ def iso_ms(ms: int | None) -> str | None:
     """Epoch milliseconds -> RFC 3339 UTC string with millisecond precision (``2027-05-24T19:00:00.000Z``)."""
     if ms is None:
         return None
-    seconds, millis = divmod(int(ms), 1000)
-    return f"{_iso_seconds(seconds)}.{millis:03d}Z"
+    ms = int(ms)
+    return _iso_seconds(ms // 1000) + _MILLIS_Z[ms % 1000]
+
+
+_MILLIS_Z = [f".{m:03d}Z" for m in range(1000)]
+"""".000Z" ... ".999Z": a list index instead of a format per timestamp (two per hold reply)."""
 
 
 @functools.lru_cache(maxsize=4096)

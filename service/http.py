@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service.errors import DomainError
@@ -47,32 +47,57 @@ def validate(model: type[M], data: Any) -> M:
         raise DomainError("validation_failed", details={"errors": _pydantic_errors(exc)}) from None
 
 
-async def read_json(request: Request, model: type[M]) -> M:
-    """Read at most ``max_body_bytes`` of body, decode it and validate it.
+def header(request: Request, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower-case bytes, as ASGI gives names), or None.
 
-    Raises DomainError: payload_too_large (413), malformed_json (400), validation_failed (422).
+    A scan of the raw ASGI list: ``request.headers.get`` builds a Headers object and raises and catches a
+    KeyError when the header is absent, which a hold without an Idempotency-Key paid on every request."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes, read straight from the ASGI ``receive`` channel.
+
+    Raises DomainError(payload_too_large, 413) as soon as the declared ``Content-Length`` or the bytes
+    received so far pass ``limit``; starlette.requests.ClientDisconnect if the client went away.
     """
-    limit = request.app.state.settings.max_body_bytes
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise DomainError("payload_too_large", details={"max_bytes": limit})
-    if declared is not None and declared.isdigit():
-        body = await request.body()  # bounded by the declared length checked above
-    else:  # chunked: count while reading
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise DomainError("payload_too_large", details={"max_bytes": limit})
-            chunks.append(chunk)
-        body = b"".join(chunks)
+    body = b""
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientDisconnect()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise DomainError("payload_too_large", details={"max_bytes": limit})
+        if not message.get("more_body", False):
+            return body
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """Read at most ``max_body_bytes`` of body and validate it as JSON against ``model`` in one step
+    (pydantic parses the bytes itself: no intermediate dict).
+
+    Raises DomainError: payload_too_large (413), malformed_json (400; also for JSON that is not an object),
+    validation_failed (422, per-field errors).
+    """
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
     try:
-        data = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError as exc:
-        raise DomainError("malformed_json", details={"reason": str(exc)}) from None
-    if not isinstance(data, dict):
-        raise DomainError("malformed_json", message="The request body must be a JSON object.")
-    return validate(model, data)
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[0]
+        if first["type"] == "json_invalid":
+            reason = first.get("ctx", {}).get("error", first["msg"])
+            raise DomainError("malformed_json", details={"reason": reason}) from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise DomainError("malformed_json", message="The request body must be a JSON object.") from None
+        raise DomainError("validation_failed", details={"errors": _pydantic_errors(exc)}) from None
 
 
 def require_admin(request: Request) -> None:
