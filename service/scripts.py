@@ -82,8 +82,10 @@ class ScriptRunner:
         """EVALSHA ``name`` and return its reply. Raises redis.exceptions.RedisError on failure."""
         script = self.scripts[name]
         if self.pipe is not None:
+            cmd = ("EVALSHA", script.sha, len(keys), *keys, *args)
             try:
-                return await self.pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+                fut = self.pipe.submit(cmd)
+                return await (fut if fut is not None else self.pipe.execute(*cmd))
             except (NoScriptError, RedisConnectionError, RedisTimeoutError):
                 return await script(keys=keys, args=args)  # loads it if need be; retries with backoff
         if not self.auto_pipeline:
