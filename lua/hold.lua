@@ -106,10 +106,6 @@ local function check()
     amount = amount + n * tonumber(z[3])
   end
   if #taken > 0 then return false, fail('seats_unavailable', { seats = taken }), true end
-  local current = tonumber(redis.call('HGET', prefix .. 'customers', customer_id) or '0')
-  if current + tickets > limit then
-    return false, fail('limit_exceeded', { limit = limit, current = current, requested = tickets }), true
-  end
   return true, tickets, amount
 end
 
@@ -122,9 +118,22 @@ end
 if not fits then return result end
 local tickets, amount = result, extra
 
+-- The customer's limit: count the tickets in first and take them back if that passes the limit, so a
+-- hold that fits (nearly all of them) pays one call here, not a read and a write. Reaping only ever
+-- lowers the count and gives stock back, so the checks above still hold after it.
+local ckey = prefix .. 'customers'
+local count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
+while count > limit do
+  count = redis.call('HINCRBY', ckey, customer_id, int(-tickets))
+  if reap(prefix, now, tonumber(ARGV[9]), retention) == 0 then
+    if count <= 0 then redis.call('HDEL', ckey, customer_id) end
+    return fail('limit_exceeded', { limit = limit, current = count, requested = tickets })
+  end
+  count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
+end
+
 -- Write.
 move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id)
-redis.call('HINCRBY', prefix .. 'customers', customer_id, int(tickets))
 local expires_at = now + ttl_seconds * 1000
 local expires_s = int(expires_at)
 local hkey = prefix .. 'hold:' .. hold_id

@@ -206,6 +206,27 @@ async def test_customer_limit_counts_holds_and_orders(any_redis):
     await inv.unload_event(eid)
 
 
+async def test_limit_is_counted_in_then_taken_back_and_reaps_before_refusing(any_redis):
+    """hold.lua adds a hold's tickets to the customer's count first and takes them back on refusal: a refusal
+    leaves the count as it was (no 0 left behind), and expired holds waiting to be reaped never count."""
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("lim2")
+    await inv.load_event(spec(eid, ga=10, per_customer=2))
+    ckey = keys.prefix(eid) + "customers"
+    try:
+        assert await code_of(inv.hold(eid, req(customer="big", ga=3))) == "limit_exceeded"
+        assert await inv.client.hget(ckey, "big") is None
+        await inv.hold(eid, req(customer="c", ga=2, ttl=1))
+        await asyncio.sleep(1.1)  # expired, still queued: the stock check passes, only the limit refuses
+        await inv.hold(eid, req(customer="c", ga=1))
+        assert await inv.client.hget(ckey, "c") == b"1"
+        assert await code_of(inv.hold(eid, req(customer="c", ga=2))) == "limit_exceeded"
+        assert await inv.client.hget(ckey, "c") == b"1"
+        assert (await zones(inv, eid))["ga"]["held"] == 1
+    finally:
+        await inv.unload_event(eid)
+
+
 async def test_paused_refuses_holds_but_confirms(inv):
     inv, eid = inv
     hold, _ = await inv.hold(eid, req(ga=1))
