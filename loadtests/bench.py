@@ -311,9 +311,6 @@ def script_ceiling(redis_url: str, event_id: str, *, pipeline: int, requests: in
         "c__rand_int__",
         "0",
         '[{"zone_id":"ga","quantity":1}]',
-        "",
-        "0" * 64,
-        "86400",
         "86400",
         "200",
     ]

@@ -8,12 +8,13 @@
   ARGV[3]  ttl_seconds        integer, 0 = the event's hold_ttl_seconds
   ARGV[4]  items              JSON [{"zone_id": Z, "quantity": n} | {"zone_id": Z, "seats": [label, ...]}],
                               zones distinct, seat labels normalised and distinct
-  ARGV[5]  idempotency_key    string, "" for none
-  ARGV[6]  body_sha256        hex digest of the canonical request body (compared on a key's reuse)
-  ARGV[7]  idempotency_ttl_seconds  integer
-  ARGV[8]  retention_seconds  integer, how long the hold record outlives its end
-  ARGV[9]  reap_limit         integer, most expired holds reaped per batch, only when a refusal could
+  ARGV[5]  retention_seconds  integer, how long the hold record outlives its end
+  ARGV[6]  reap_limit         integer, most expired holds reaped per batch, only when a refusal could
                               come from holds that expired but wait to be reaped (the sweeper does the rest)
+  ARGV[7]  idempotency_key    string; ARGV[7..9] only with a key (every argument costs the caller and
+                              Redis on every call)
+  ARGV[8]  body_sha256        hex digest of the canonical request body (compared on a key's reuse)
+  ARGV[9]  idempotency_ttl_seconds  integer
 
   Returns one of:
     array [tickets, amount_cents, created_at_ms, expires_at_ms]  (integers) the hold was created now, as
@@ -34,8 +35,8 @@ local meta_key = KEYS[1]
 local prefix = prefix_of(meta_key)
 local hold_id, customer_id = ARGV[1], ARGV[2]
 local ttl_seconds = tonumber(ARGV[3])
-local idem_key, body_sha = ARGV[5], ARGV[6]
-local retention = tonumber(ARGV[8])
+local idem_key, body_sha = ARGV[7] or '', ARGV[8]
+local retention = tonumber(ARGV[5])
 
 local now = now_ms()
 -- No reaping up front: a hold that fits does not need expired stock back, and every refusal below reaps
@@ -112,7 +113,7 @@ end
 -- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
 -- expires many holds in the same millisecond): while one could change the answer, reap another batch.
 local fits, result, extra = check()
-while not fits and extra and reap(prefix, now, tonumber(ARGV[9]), retention) > 0 do
+while not fits and extra and reap(prefix, now, tonumber(ARGV[6]), retention) > 0 do
   fits, result, extra = check()
 end
 if not fits then return result end
@@ -125,7 +126,7 @@ local ckey = prefix .. 'customers'
 local count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
 while count > limit do
   count = redis.call('HINCRBY', ckey, customer_id, int(-tickets))
-  if reap(prefix, now, tonumber(ARGV[9]), retention) == 0 then
+  if reap(prefix, now, tonumber(ARGV[6]), retention) == 0 then
     if count <= 0 then redis.call('HDEL', ckey, customer_id) end
     return fail('limit_exceeded', { limit = limit, current = count, requested = tickets })
   end
@@ -143,6 +144,6 @@ redis.call('HSET', hkey, 'hold_id', hold_id, 'customer_id', customer_id, 'status
 redis.call('EXPIRE', hkey, int(ttl_seconds + retention))
 redis.call('ZADD', prefix .. 'expiry', expires_s, hold_id)
 if idem then
-  redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', ARGV[7])
+  redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', ARGV[9])
 end
 return { tickets, amount, now, expires_at }

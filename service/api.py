@@ -147,7 +147,7 @@ async def create_hold(request: Request) -> JSON:
     req = await read_json(request, HoldRequest)
     hold, replay = await request.app.state.inventory.hold(event_id, req, key)
     if not replay:
-        metrics.child(metrics.HOLDS, event_id).inc()
+        metrics.TALLY.inc(metrics.HOLDS, event_id)
     return JSON(hold_view(event_id, hold), status_code=200 if replay else 201)
 
 
@@ -163,14 +163,14 @@ async def confirm_hold(request: Request) -> JSON:
     req = await read_json(request, ConfirmRequest)
     order, created = await request.app.state.inventory.confirm(event_id, hold_id, req.payment_ref)
     if created:
-        metrics.child(metrics.CONFIRMS, event_id).inc()
+        metrics.TALLY.inc(metrics.CONFIRMS, event_id)
     return JSON(order_view(order), status_code=201 if created else 200)
 
 
 async def release_hold(request: Request) -> JSON:
     event_id = _event_id(request)
     status = await request.app.state.inventory.release(event_id, _hold_id(request))
-    metrics.child(metrics.RELEASES, event_id).inc()
+    metrics.TALLY.inc(metrics.RELEASES, event_id)
     return JSON({"hold_id": request.path_params["hold_id"], "status": status})
 
 

@@ -172,6 +172,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            metrics.TALLY.flush()
             await app.state.pg.close()
             app.state.inventory.close()
             await client.aclose()

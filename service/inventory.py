@@ -90,12 +90,11 @@ class Inventory:
             req.customer_id,
             req.ttl_seconds or 0,
             orjson.dumps(items),
-            idempotency_key,
-            req.body_sha256() if idempotency_key else "",
-            self.settings.idempotency_ttl_seconds,
             self.settings.hold_retention_seconds,
             self.settings.reap_batch,
         ]
+        if idempotency_key:
+            args += [idempotency_key, req.body_sha256(), self.settings.idempotency_ttl_seconds]
         raw = await self.runner.run("hold", [keys.meta(event_id)], args)
         if isinstance(raw, list):  # created now: the script sends only what it computed (see lua/hold.lua)
             tickets, amount_cents, created_at_ms, expires_at_ms = raw

@@ -348,3 +348,21 @@ async def test_values_the_stores_cannot_hold_exactly_are_422(client, make_event)
     err(await hold(client, eid, items=[{"zone_id": "floor", "quantity": True}]), 422, "validation_failed")
     r = await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"limit": "²"})
     err(r, 422, "validation_failed")
+
+
+async def test_tally_adds_its_counts_to_the_counter_within_its_interval():
+    from prometheus_client import Counter
+
+    from service.metrics import Tally
+
+    counter = Counter("boxoffice_test_tally_total", "test", ["event_id"], registry=None)
+    tally = Tally(interval_seconds=0.05)
+    for _ in range(3):
+        tally.inc(counter, "e1")
+    tally.inc(counter, "e2")
+    assert counter.labels("e1")._value.get() == 0  # not yet: counted in the dict only
+    await asyncio.sleep(0.15)
+    assert (counter.labels("e1")._value.get(), counter.labels("e2")._value.get()) == (3, 1)
+    tally.inc(counter, "e1")
+    tally.flush()  # what /metrics and shutdown do
+    assert counter.labels("e1")._value.get() == 4
