@@ -366,3 +366,12 @@ async def test_tally_adds_its_counts_to_the_counter_within_its_interval():
     tally.inc(counter, "e1")
     tally.flush()  # what /metrics and shutdown do
     assert counter.labels("e1")._value.get() == 4
+
+
+async def test_api_start_up_raises_the_young_gc_threshold(client):
+    """service/app.py: holds keep requests alive across the Redis round trip; young collections run less often."""
+    import gc
+
+    from service.settings import Settings
+
+    assert gc.get_threshold()[0] == Settings().gc_gen0_threshold == 5000
