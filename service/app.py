@@ -173,7 +173,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # collection of the youngest generation (by default after 700 net allocations) walks all requests in
         # flight. At 5,000 it runs a seventh as often: in-process (callgrind, 5,000 holds, 50 in flight)
         # a hold costs 310k -> 277k instructions and /healthz, which keeps nothing alive, 211k either way.
-        gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
+        gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])
         try:
             yield
         finally:

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     """Send the script calls of one event-loop tick in one write on one shared connection (service/autopipeline.py;
     a redis-py pipeline per tick over TLS or Redis Cluster). False: one pooled round trip per call."""
 
-    gc_gen0_threshold: int = Field(default=5000, ge=700)
+    gc_young_threshold: int = Field(default=5000, ge=700)
     """API processes: net allocations between collections of Python's youngest GC generation (Python's
     default is 700). Holds keep their requests alive across the Redis round trip, and every young
     collection walks them all: see service/app.py."""

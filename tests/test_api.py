@@ -374,4 +374,4 @@ async def test_api_start_up_raises_the_young_gc_threshold(client):
 
     from service.settings import Settings
 
-    assert gc.get_threshold()[0] == Settings().gc_gen0_threshold == 5000
+    assert gc.get_threshold()[0] == Settings().gc_young_threshold
