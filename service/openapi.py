@@ -490,8 +490,9 @@ SCHEMAS: dict[str, Any] = {
 _HOLD_ERRORS_DOC = (
     "Atomic in one Lua script (`lua/hold.lua`): every item is checked before anything is written. "
     "With an `Idempotency-Key`, a repeat with the same body answers 200 with the first hold; with a "
-    "different body, 409 `idempotency_conflict`. Expired holds of the event are reaped first, so their "
-    "stock counts as available."
+    "different body, 409 `idempotency_conflict`. Expired holds never cause a refusal: before answering "
+    "`sold_out`, `seats_unavailable` or `limit_exceeded` the script reaps the event's expired holds and "
+    "checks again (a hold that fits leaves them to the sweeper)."
 )
 
 PATHS: dict[str, Any] = {

@@ -1,7 +1,8 @@
 """The expiry sweeper: reaps expired holds of every event, so an idle event's stock comes back on time.
 
-Every script call already reaps its own event first (``lua/includes/common.lua``, ``reap``); the sweeper
-covers events that get no traffic. It runs ``Inventory.reap`` for every event in ``keys.EVENTS_KEY`` every
+Reads, confirms and releases reap their own event first, and a hold reaps before it would refuse
+(``lua/includes/common.lua``, ``reap``); the sweeper brings stock back for everything else: events that
+get no traffic, and events where every hold fits. It runs ``Inventory.reap`` for every event in ``keys.EVENTS_KEY`` every
 ``sweeper_interval_seconds`` (0.25 s by default, so an expired hold is back on sale within about that).
 The calls of one pass are made concurrently, so the script runner sends them in one pipeline.
 Reaping is idempotent: several workers may sweep at once.
