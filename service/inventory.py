@@ -7,6 +7,7 @@ JSON reply into a dict or a ``DomainError``. Times are epoch milliseconds of Red
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import orjson
@@ -31,15 +32,19 @@ _VALIDATION = {
 _ID_BYTES = 16
 _random = bytearray()
 """os.urandom bytes not used yet: read 4 KiB at a time, one getrandom() system call per 256 ids."""
+_random_lock = threading.Lock()
+"""Taking bytes is two steps (read, delete). CPython 3.11 never switches threads between them, but nothing
+promises that (free-threaded builds): two threads must never take the same bytes."""
 os.register_at_fork(after_in_child=_random.clear)  # a forked child must never hand out its parent's ids
 
 
 def new_id(kind: str) -> str:
     """``h_``/``o_`` + 32 hex digits of os.urandom: unguessable, so a hold id is a bearer capability."""
-    if len(_random) < _ID_BYTES:
-        _random.extend(os.urandom(256 * _ID_BYTES))
-    raw = _random[-_ID_BYTES:]
-    del _random[-_ID_BYTES:]
+    with _random_lock:
+        if len(_random) < _ID_BYTES:
+            _random.extend(os.urandom(256 * _ID_BYTES))
+        raw = _random[-_ID_BYTES:]
+        del _random[-_ID_BYTES:]
     return f"{kind}_{raw.hex()}"
 
 
