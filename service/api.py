@@ -143,7 +143,7 @@ async def seats(request: Request) -> JSON:
 
 async def create_hold(request: Request) -> JSON:
     event_id = _event_id(request)
-    key = check_idempotency_key(header(request, b"idempotency-key"))
+    key = check_idempotency_key(header(request.scope, b"idempotency-key"))
     req = await read_json(request, HoldRequest)
     hold, replay = await request.app.state.inventory.hold(event_id, req, key)
     if not replay:

@@ -10,6 +10,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from service.errors import DomainError
 
@@ -47,12 +48,12 @@ def validate(model: type[M], data: Any) -> M:
         raise DomainError("validation_failed", details={"errors": _pydantic_errors(exc)}) from None
 
 
-def header(request: Request, name: bytes) -> str | None:
-    """The first value of header ``name`` (lower-case bytes, as ASGI gives names), or None.
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower-case bytes, as ASGI gives names) in an HTTP scope, or None.
 
     A scan of the raw ASGI list: ``request.headers.get`` builds a Headers object and raises and catches a
     KeyError when the header is absent, which a hold without an Idempotency-Key paid on every request."""
-    for key, value in request.scope["headers"]:
+    for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")
     return None
@@ -64,7 +65,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     Raises DomainError(payload_too_large, 413) as soon as the declared ``Content-Length`` or the bytes
     received so far pass ``limit``; starlette.requests.ClientDisconnect if the client went away.
     """
-    declared = header(request, b"content-length")
+    declared = header(request.scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise DomainError("payload_too_large", details={"max_bytes": limit})
     body = b""

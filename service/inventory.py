@@ -95,8 +95,7 @@ class Inventory:
             req.customer_id,
             req.ttl_seconds or 0,
             orjson.dumps(items),
-            self.settings.hold_retention_seconds,
-            self.settings.reap_batch,
+            *self._common(),
         ]
         if idempotency_key:
             args += [idempotency_key, req.body_sha256(), self.settings.idempotency_ttl_seconds]

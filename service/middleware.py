@@ -13,6 +13,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.http import header
 from service.logs import request_id
 
 _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -27,11 +28,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                rid = value.decode("latin-1")
-                break
+        rid = header(scope, b"x-request-id")
         if rid is None or not _VALID_ID.match(rid):
             rid = os.urandom(16).hex()
         token = request_id.set(rid)
