@@ -303,16 +303,17 @@ def script_ceiling(redis_url: str, event_id: str, *, pipeline: int, requests: in
 
     port = redis_url.rsplit(":", 1)[1].split("/")[0]
     sha = redis.Redis.from_url(redis_url).script_load(script_source("hold"))
-    args = [
+    args = [  # one hold per call (see lua/hold.lua): retention, reap limit, then the hold's 5 arguments
         sha,
         "1",
         keys.meta(event_id),
+        "86400",
+        "200",
         "h__rand_int__",
         "c__rand_int__",
         "0",
         '[{"zone_id":"ga","quantity":1}]',
-        "86400",
-        "200",
+        "",
     ]
     cmd = [
         "redis-benchmark",

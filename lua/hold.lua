@@ -1,25 +1,25 @@
 --[[
-  hold: put stock aside for a customer, all items or none.
+  hold: put stock aside for customers, each hold all of its items or none. One call carries one or more
+  holds of the same event (the API batches the holds of one event-loop tick, see ScriptRunner.batched);
+  they run one after the other, as separate calls would, and each gets its own reply.
 
   KEYS[1]  {evt:E}:meta       event hash (other keys of the event are built from its prefix)
-  ARGV[1]  hold_id            string, chosen by the caller; a second call with the same id returns the
-                              first hold unchanged (safe to run twice: redis-py retries after a timeout)
-  ARGV[2]  customer_id        string
-  ARGV[3]  ttl_seconds        integer, 0 = the event's hold_ttl_seconds
-  ARGV[4]  items              JSON [{"zone_id": Z, "quantity": n} | {"zone_id": Z, "seats": [label, ...]}],
-                              zones distinct, seat labels normalised and distinct
-  ARGV[5]  retention_seconds  integer, how long the hold record outlives its end
-  ARGV[6]  reap_limit         integer, most expired holds reaped per batch, only when a refusal could
+  ARGV[1]  retention_seconds  integer, how long a hold record outlives its end
+  ARGV[2]  reap_limit         integer, most expired holds reaped per batch, only when a refusal could
                               come from holds that expired but wait to be reaped (the sweeper does the rest)
-  ARGV[7]  idempotency_key    string; ARGV[7..9] only with a key (every argument costs the caller and
-                              Redis on every call)
-  ARGV[8]  body_sha256        hex digest of the canonical request body (compared on a key's reuse)
-  ARGV[9]  idempotency_ttl_seconds  integer
+  then 5 arguments per hold:
+    hold_id           string, chosen by the caller; a second call with the same id returns the first
+                      hold unchanged (safe to run twice: a call is sent again after a timeout)
+    customer_id       string
+    ttl_seconds       integer, 0 = the event's hold_ttl_seconds
+    items             JSON [{"zone_id": Z, "quantity": n} | {"zone_id": Z, "seats": [label, ...]}],
+                      zones distinct, seat labels normalised and distinct
+    idempotency       "" (no key) or "<body_sha256 hex> <idempotency_ttl_seconds> <idempotency_key>"
 
-  Returns one of:
+  Returns an array with one reply per hold, in order, each one of:
     array [tickets, amount_cents, created_at_ms, expires_at_ms]  (integers) the hold was created now, as
-                                  ARGV asked: status active, items = ARGV[4]. The hot path: no JSON to
-                                  encode here nor to decode in the caller.
+                                  asked: status active. The hot path: no JSON to encode here nor to
+                                  decode in the caller.
     JSON {"hold": H, "replay": false}  an earlier run with the same hold_id created it
     JSON {"hold": H, "replay": true}   the idempotency key was used before with the same body
     JSON {"err": code, "details": {...}} with code in
@@ -27,18 +27,23 @@
       unknown_seats {zone_id, seats}, ttl_too_long {max_ttl_seconds},
       idempotency_conflict, sold_out {zone_id, requested, available},
       seats_unavailable {seats: [{zone_id, seat}]}, limit_exceeded {limit, current, requested}
+    error reply  that hold failed inside Redis (e.g. OOM before its first write); the others stand
   H = {hold_id, customer_id, status, items, tickets, amount_cents, created_at_ms, expires_at_ms, ...}
 ]]
 --- @include common
 
 local meta_key = KEYS[1]
 local prefix = prefix_of(meta_key)
-local hold_id, customer_id = ARGV[1], ARGV[2]
-local ttl_seconds = tonumber(ARGV[3])
-local idem_key, body_sha = ARGV[7] or '', ARGV[8]
-local retention = tonumber(ARGV[5])
+local retention = tonumber(ARGV[1])
+local reap_limit = tonumber(ARGV[2])
 
+-- Read once for every hold of the call: the clock, and the event (no hold changes it).
 local now = now_ms()
+local meta = redis.call('HMGET', meta_key, 'status', 'hold_ttl_seconds', 'max_tickets_per_customer')
+local max_ttl, limit = tonumber(meta[2]), tonumber(meta[3])
+local ckey = prefix .. 'customers'
+local expiry_key = prefix .. 'expiry'
+
 -- No reaping up front: a hold that fits does not need expired stock back, and every refusal below reaps
 -- and checks again. A hold read back is settled (an active one past its expiry is ended as expired).
 local function view(id)
@@ -47,36 +52,9 @@ local function view(id)
   return h
 end
 
-local existing = view(hold_id)
-if existing then return cjson.encode({ hold = existing, replay = false }) end
-
-local meta = redis.call('HMGET', meta_key, 'status', 'hold_ttl_seconds', 'max_tickets_per_customer')
-if not meta[1] then return fail('event_not_found') end
-
-local idem = nil
-if idem_key ~= '' then
-  idem = prefix .. 'idem:' .. idem_key
-  local seen = redis.call('GET', idem)
-  if seen then
-    local sha, first_id = string.match(seen, '^(%S+) (%S+)$')
-    if sha ~= body_sha then return fail('idempotency_conflict') end
-    local first = view(first_id)
-    if first then return cjson.encode({ hold = first, replay = true }) end
-    -- the first hold's record is gone (past retention): treat the key as fresh
-  end
-end
-
-if meta[1] ~= 'on_sale' then return fail('sale_paused') end
-
-local max_ttl = tonumber(meta[2])
-if ttl_seconds == 0 then ttl_seconds = max_ttl end
-if ttl_seconds > max_ttl then return fail('ttl_too_long', { max_ttl_seconds = max_ttl }) end
-
 -- Check every item before writing anything: all or none. Returns true, tickets, amount when all fit,
 -- else false, the refusal reply, and whether reaping more expired holds could change the answer.
-local items = cjson.decode(ARGV[4])
-local limit = tonumber(meta[3])
-local function check()
+local function check(items)
   local tickets, amount = 0, 0
   local taken = {}
   for _, item in ipairs(items) do
@@ -110,40 +88,80 @@ local function check()
   return true, tickets, amount
 end
 
--- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
--- expires many holds in the same millisecond): while one could change the answer, reap another batch.
-local fits, result, extra = check()
-while not fits and extra and reap(prefix, now, tonumber(ARGV[6]), retention) > 0 do
-  fits, result, extra = check()
-end
-if not fits then return result end
-local tickets, amount = result, extra
+-- One hold: the reply for it (see the header).
+local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
+  local existing = view(hold_id)
+  if existing then return cjson.encode({ hold = existing, replay = false }) end
 
--- The customer's limit: count the tickets in first and take them back if that passes the limit, so a
--- hold that fits (nearly all of them) pays one call here, not a read and a write. Reaping only ever
--- lowers the count and gives stock back, so the checks above still hold after it.
-local ckey = prefix .. 'customers'
-local count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
-while count > limit do
-  count = redis.call('HINCRBY', ckey, customer_id, int(-tickets))
-  if reap(prefix, now, tonumber(ARGV[6]), retention) == 0 then
-    if count <= 0 then redis.call('HDEL', ckey, customer_id) end
-    return fail('limit_exceeded', { limit = limit, current = count, requested = tickets })
+  if not meta[1] then return fail('event_not_found') end
+
+  local idem, body_sha, idem_ttl = nil, nil, nil
+  if idempotency ~= '' then
+    local key
+    body_sha, idem_ttl, key = string.match(idempotency, '^(%S+) (%S+) (.+)$')
+    idem = prefix .. 'idem:' .. key
+    local seen = redis.call('GET', idem)
+    if seen then
+      local sha, first_id = string.match(seen, '^(%S+) (%S+)$')
+      if sha ~= body_sha then return fail('idempotency_conflict') end
+      local first = view(first_id)
+      if first then return cjson.encode({ hold = first, replay = true }) end
+      -- the first hold's record is gone (past retention): treat the key as fresh
+    end
   end
-  count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
+
+  if meta[1] ~= 'on_sale' then return fail('sale_paused') end
+
+  if ttl_seconds == 0 then ttl_seconds = max_ttl end
+  if ttl_seconds > max_ttl then return fail('ttl_too_long', { max_ttl_seconds = max_ttl }) end
+
+  -- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
+  -- expires many holds in the same millisecond): while one could change the answer, reap another batch.
+  local items = cjson.decode(items_json)
+  local fits, result, extra = check(items)
+  while not fits and extra and reap(prefix, now, reap_limit, retention) > 0 do
+    fits, result, extra = check(items)
+  end
+  if not fits then return result end
+  local tickets, amount = result, extra
+
+  -- The customer's limit: count the tickets in first and take them back if that passes the limit, so a
+  -- hold that fits (nearly all of them) pays one call here, not a read and a write. Reaping only ever
+  -- lowers the count and gives stock back, so the checks above still hold after it.
+  local count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
+  while count > limit do
+    count = redis.call('HINCRBY', ckey, customer_id, int(-tickets))
+    if reap(prefix, now, reap_limit, retention) == 0 then
+      if count <= 0 then redis.call('HDEL', ckey, customer_id) end
+      return fail('limit_exceeded', { limit = limit, current = count, requested = tickets })
+    end
+    count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
+  end
+
+  -- Write.
+  move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id)
+  local expires_at = now + ttl_seconds * 1000
+  local expires_s = int(expires_at)
+  local hkey = prefix .. 'hold:' .. hold_id
+  redis.call('HSET', hkey, 'hold_id', hold_id, 'customer_id', customer_id, 'status', 'active',
+    'items', items_json, 'tickets', int(tickets), 'amount_cents', int(amount),
+    'created_at_ms', int(now), 'expires_at_ms', expires_s)
+  redis.call('EXPIRE', hkey, int(ttl_seconds + retention))
+  redis.call('ZADD', expiry_key, expires_s, hold_id)
+  if idem then
+    redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', idem_ttl)
+  end
+  return { tickets, amount, now, expires_at }
 end
 
--- Write.
-move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id)
-local expires_at = now + ttl_seconds * 1000
-local expires_s = int(expires_at)
-local hkey = prefix .. 'hold:' .. hold_id
-redis.call('HSET', hkey, 'hold_id', hold_id, 'customer_id', customer_id, 'status', 'active',
-  'items', ARGV[4], 'tickets', int(tickets), 'amount_cents', int(amount),
-  'created_at_ms', int(now), 'expires_at_ms', expires_s)
-redis.call('EXPIRE', hkey, int(ttl_seconds + retention))
-redis.call('ZADD', prefix .. 'expiry', expires_s, hold_id)
-if idem then
-  redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', ARGV[9])
+-- Each hold in its own protected call: one that fails inside Redis answers an error reply in its place
+-- and does not take the others down (what it wrote before failing stays, as with any script error).
+local replies = {}
+for i = 3, #ARGV, 5 do
+  local ok, reply = pcall(hold, ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4])
+  if not ok then
+    reply = { err = type(reply) == 'table' and reply.err or tostring(reply) }
+  end
+  replies[#replies + 1] = reply
 end
-return { tickets, amount, now, expires_at }
+return replies

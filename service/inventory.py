@@ -80,6 +80,7 @@ class Inventory:
         self.runner.close()
 
     def _common(self) -> list[int]:
+        """retention_seconds and reap_limit, which every script takes (the hold script first, the others last)."""
         return [self.settings.hold_retention_seconds, self.settings.reap_batch]
 
     async def hold(self, event_id: str, req: HoldRequest, idempotency_key: str = "") -> tuple[dict, bool]:
@@ -90,16 +91,15 @@ class Inventory:
         """
         items = [i.as_script_item() for i in req.items]
         hold_id = new_id("h")
-        args = [
-            hold_id,
-            req.customer_id,
-            req.ttl_seconds or 0,
-            orjson.dumps(items),
-            *self._common(),
-        ]
+        idempotency = ""
         if idempotency_key:
-            args += [idempotency_key, req.body_sha256(), self.settings.idempotency_ttl_seconds]
-        raw = await self.runner.run("hold", [keys.meta(event_id)], args)
+            idempotency = f"{req.body_sha256()} {self.settings.idempotency_ttl_seconds} {idempotency_key}"
+        raw = await self.runner.batched(
+            "hold",
+            keys.meta(event_id),
+            self._common(),
+            (hold_id, req.customer_id, req.ttl_seconds or 0, orjson.dumps(items), idempotency),
+        )
         if isinstance(raw, list):  # created now: the script sends only what it computed (see lua/hold.lua)
             tickets, amount_cents, created_at_ms, expires_at_ms = raw
             hold = {

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from conftest import new_event_id
 
 from service import keys
@@ -340,3 +341,90 @@ def test_ids_are_unique_and_a_forked_child_never_reuses_its_parents():
     assert child != ours and child != first
     ids = {new_id("o") for _ in range(2000)}
     assert len(ids) == 2000 and all(len(i) == 34 and i.startswith("o_") for i in ids)
+
+
+# Holds batched per event and event-loop tick (ScriptRunner.batched, lua/hold.lua) ----------------------
+
+
+async def evalsha_calls(client) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_holds_of_one_tick_go_to_redis_as_one_call_per_event(settings):
+    """The holds an event gets in one tick are one EVALSHA (at most MAX_BATCH each); each gets its own answer,
+    as if they had run one by one: stock runs out part-way, a reused idempotency key replays the first hold."""
+    from service.scripts import MAX_BATCH
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    inv = Inventory(client, Settings(redis_url=settings.redis_url, database_url="postgresql://unused"))
+    eid = new_event_id("batch")
+    await inv.load_event(spec(eid, ga=5, seats=2, per_customer=1000))
+    try:
+        before = await evalsha_calls(client)
+        outcomes = await asyncio.gather(
+            *(inv.hold(eid, req(customer=f"c{i}", ga=1)) for i in range(8)),
+            inv.hold(eid, req(customer="k", seats=["A1"]), "same-key"),
+            inv.hold(eid, req(customer="k", seats=["A1"]), "same-key"),
+            inv.hold(eid, req(customer="other", seats=["A1", "A2"])),
+            return_exceptions=True,
+        )
+        assert await evalsha_calls(client) - before == 1
+        created = [o for o in outcomes[:8] if isinstance(o, tuple)]
+        refused = [o for o in outcomes[:8] if isinstance(o, DomainError)]
+        assert len(created) == 5 and [e.code for e in refused] == ["sold_out"] * 3
+        (first, replay1), (again, replay2) = outcomes[8], outcomes[9]
+        assert (replay1, replay2) == (False, True) and again["hold_id"] == first["hold_id"]
+        assert isinstance(outcomes[10], DomainError) and outcomes[10].code == "seats_unavailable"
+        z = await zones(inv, eid)
+        assert (z["ga"]["held"], z["s"]["held"]) == (5, 1)
+
+        before = await evalsha_calls(client)
+        many = await asyncio.gather(
+            *(inv.hold(eid, req(customer=f"m{i}", ga=1)) for i in range(2 * MAX_BATCH + 1)),
+            return_exceptions=True,
+        )
+        assert await evalsha_calls(client) - before == 3
+        assert all(isinstance(o, DomainError) and o.code == "sold_out" for o in many)
+    finally:
+        await inv.unload_event(eid)
+        inv.close()
+        await client.aclose()
+
+
+async def test_a_hold_that_fails_inside_redis_does_not_fail_its_batch(any_redis):
+    """One item the script cannot run (here: items that are not JSON) answers its own error; the rest stand."""
+    from redis.exceptions import ResponseError
+
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("batchfail")
+    await inv.load_event(spec(eid))
+    try:
+        meta, common = keys.meta(eid), inv._common()
+        good = inv.runner.batched(
+            "hold", meta, common, ("h_good", "c1", 0, b'[{"zone_id":"ga","quantity":2}]', "")
+        )
+        bad = inv.runner.batched("hold", meta, common, ("h_bad", "c2", 0, b"not json", ""))
+        results = await asyncio.gather(good, bad, return_exceptions=True)
+        assert results[0][0] == 2  # tickets of the created hold
+        assert isinstance(results[1], ResponseError)
+        assert (await inv.get_hold(eid, "h_good"))["status"] == "active"
+        assert (await zones(inv, eid))["ga"]["held"] == 2
+    finally:
+        await inv.unload_event(eid)
+
+
+async def test_without_auto_pipelining_each_hold_is_its_own_call(settings):
+    client = aioredis.Redis.from_url(settings.redis_url)
+    s = Settings(redis_url=settings.redis_url, database_url="postgresql://unused", auto_pipeline=False)
+    inv = Inventory(client, s)
+    eid = new_event_id("nobatch")
+    await inv.load_event(spec(eid))
+    try:
+        before = await evalsha_calls(client)
+        held = await asyncio.gather(*(inv.hold(eid, req(customer=f"c{i}", ga=1)) for i in range(3)))
+        assert await evalsha_calls(client) - before == 3
+        assert all(not replay for _, replay in held)
+    finally:
+        await inv.unload_event(eid)
+        await client.aclose()
