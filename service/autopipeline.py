@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 from redis._parsers.base import BaseParser
@@ -31,6 +31,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 CLIENT_NAME = "boxoffice-autopipeline"
+
+
+class Receiver(Protocol):
+    """What gets a reply: an asyncio.Future, or anything with the three methods the connection calls."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
 
 
 class AutoPipeline:
@@ -71,17 +79,22 @@ class AutoPipeline:
             conn.queue(hiredis.pack_command(args), fut)
         return await fut
 
-    def submit(self, args: tuple[Any, ...]) -> asyncio.Future | None:
+    def submit(self, args: tuple[Any, ...], receiver: Receiver | None = None) -> Receiver | None:
         """Queue one command on the open connection and return the future of its reply, or None when there
         is no open connection on this loop (then ``execute`` connects). The hot path: a plain call, so an
-        awaiting caller has one coroutine frame fewer to suspend and resume."""
+        awaiting caller has one coroutine frame fewer to suspend and resume.
+
+        ``receiver``, instead of a new future: any object with a future's ``done``, ``set_result`` and
+        ``set_exception``, called from the connection's callbacks as soon as the reply is parsed (ScriptRunner
+        hands each item of a batched call its own reply there, without waiting for another loop iteration).
+        """
         conn = self._conn
         if conn is None or conn.closed:
             return None
         loop = asyncio.get_running_loop()
         if conn.loop is not loop:  # an Inventory reused across asyncio.run: that connection is unusable
             return None
-        fut = loop.create_future()
+        fut = receiver if receiver is not None else loop.create_future()
         conn.queue(hiredis.pack_command(args), fut)
         return fut
 
@@ -163,13 +176,13 @@ class _Connection(asyncio.Protocol):
         self._error: Exception | None = None  # why it closed, for callers that come after
         self._transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self._reader = hiredis.Reader()
-        self._pending: deque[asyncio.Future] = deque()
+        self._pending: deque[Receiver] = deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._last_reply = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def queue(self, packed: bytes, fut: asyncio.Future) -> None:
+    def queue(self, packed: bytes, fut: Receiver) -> None:
         if self.closed:
             fut.set_exception(self._error or RedisConnectionError("Redis connection closed"))
             return

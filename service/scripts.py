@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,6 @@ def script_source(name: str) -> str:
     return _INCLUDE.sub(lambda m: (LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), text)
 
 
-@dataclass(slots=True)
-class _Batch:
-    """The items queued for one script on one key: ARGV so far (common arguments first), one future each."""
-
-    args: list[Any]
-    futures: list[asyncio.Future]
-
-
 class ScriptRunner:
     """Runs the project's scripts on one client (one connection pool per process)."""
 
@@ -67,7 +58,7 @@ class ScriptRunner:
             n: client.register_script(script_source(n)) for n in SCRIPT_NAMES
         }
         self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
-        self._batches: dict[tuple[str, str], _Batch] = {}
+        self._batches: dict[tuple[str, str], _Batch] = {}  # (script, key) -> the items of this tick
         self._flushing: set[asyncio.Task] = set()
         self.pipe: AutoPipeline | None = None
         pool = getattr(client, "connection_pool", None)  # RedisCluster has none: per-tick redis-py pipelines
@@ -123,60 +114,42 @@ class ScriptRunner:
         ``MAX_BATCH``) goes out as one EVALSHA with KEYS ``[key]`` and ARGV ``common`` followed by each item's
         arguments; the script answers an array with one reply per item, in order. ``common`` must be the same
         for every item of a key. The future raises the call's redis.exceptions.RedisError if the whole call
-        failed (after the fallbacks of ``run``), or that item's own error reply. With auto-pipelining off
-        each item is a call of its own.
+        failed (after the same fallbacks as ``run``), or that item's own error reply. With auto-pipelining
+        off each item is a call of its own.
         """
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if not self.auto_pipeline:
-            self._send_batch(name, key, _Batch(list(common), [fut]), item)
+            self._send_batch(_Batch(self, name, key, [*common, *item], [fut]))
             return fut
         batch = self._batches.get((name, key))
         if batch is None:
             if not self._batches:
                 loop.call_soon(self._flush_batches)
-            batch = self._batches[(name, key)] = _Batch(list(common), [])
+            batch = self._batches[(name, key)] = _Batch(self, name, key, list(common), [])
         batch.args.extend(item)
         batch.futures.append(fut)
         if len(batch.futures) >= MAX_BATCH:
             del self._batches[(name, key)]
-            self._send_batch(name, key, batch)
+            self._send_batch(batch)
         return fut
 
     def _flush_batches(self) -> None:
         batches, self._batches = self._batches, {}
-        for (name, key), batch in batches.items():
-            self._send_batch(name, key, batch)
+        for batch in batches.values():
+            self._send_batch(batch)
 
-    def _send_batch(self, name: str, key: str, batch: _Batch, item: tuple[Any, ...] = ()) -> None:
-        batch.args.extend(item)
-        task = asyncio.ensure_future(self._run_batch(name, key, batch))
+    def _send_batch(self, batch: _Batch) -> None:
+        if self.pipe is not None:
+            cmd = ("EVALSHA", self.scripts[batch.name].sha, 1, batch.key, *batch.args)
+            if self.pipe.submit(cmd, batch) is not None:
+                return  # the connection hands the reply to batch.set_result / set_exception
+        self._spawn(batch.run())  # not connected yet, or no auto-pipeline: run() and its fallbacks
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
-
-    async def _run_batch(self, name: str, key: str, batch: _Batch) -> None:
-        try:
-            replies = await self.run(name, [key], batch.args)
-        except Exception as exc:  # the whole call failed: every item gets that error
-            for fut in batch.futures:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        if not isinstance(replies, list) or len(replies) != len(batch.futures):
-            exc = RedisError(f"script {name}: {len(batch.futures)} items, reply {replies!r:.200}")
-            for fut in batch.futures:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for fut, reply in zip(batch.futures, replies, strict=True):
-            if fut.done():  # its caller was cancelled
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                fut.set_exception(BaseParser.parse_error(str(reply)))
-            elif isinstance(reply, Exception):  # redis-py's parsers hand nested errors over as exceptions
-                fut.set_exception(reply)
-            else:
-                fut.set_result(reply)
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
@@ -214,3 +187,75 @@ class ScriptRunner:
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
+
+
+class _Batch:
+    """The items of one batched call (see ``ScriptRunner.batched``): its ARGV so far, one future per item.
+
+    It receives the call's reply like a future (``AutoPipeline.submit``) and hands each item its own.
+    A NOSCRIPT or connection failure of the auto-pipelined call is sent again as ``ScriptRunner.run`` does:
+    through redis-py's pool, which loads the script and retries with backoff (safe: the script is idempotent).
+    """
+
+    __slots__ = ("runner", "name", "key", "args", "futures", "_done")
+
+    def __init__(
+        self, runner: ScriptRunner, name: str, key: str, args: list[Any], futures: list[asyncio.Future]
+    ):
+        self.runner = runner
+        self.name = name
+        self.key = key
+        self.args = args
+        self.futures = futures
+        self._done = False
+
+    # The receiver side, called by the auto-pipeline connection: exactly once, the first call wins.
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, replies: Any) -> None:
+        self._done = True
+        self.deliver(replies)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        if isinstance(exc, NoScriptError | RedisConnectionError | RedisTimeoutError):
+            self.runner._spawn(self.run(self.runner.scripts[self.name]))
+        else:
+            self.fail(exc)
+
+    async def run(self, script: AsyncScript | None = None) -> None:
+        """Send the call through ``ScriptRunner.run`` (or straight through redis-py with ``script``)."""
+        try:
+            if script is None:
+                replies = await self.runner.run(self.name, [self.key], self.args)
+            else:
+                replies = await script(keys=[self.key], args=self.args)
+        except asyncio.CancelledError:
+            for fut in self.futures:
+                fut.cancel()
+            raise
+        except Exception as exc:  # the whole call failed: every item gets that error
+            self.fail(exc)
+            return
+        self.deliver(replies)
+
+    def deliver(self, replies: Any) -> None:
+        if not isinstance(replies, list) or len(replies) != len(self.futures):
+            self.fail(RedisError(f"script {self.name}: {len(self.futures)} items, reply {replies!r:.200}"))
+            return
+        for fut, reply in zip(self.futures, replies, strict=True):
+            if fut.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(BaseParser.parse_error(str(reply)))
+            elif isinstance(reply, Exception):  # redis-py's parsers hand nested errors over as exceptions
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    def fail(self, exc: BaseException) -> None:
+        for fut in self.futures:
+            if not fut.done():
+                fut.set_exception(exc)
