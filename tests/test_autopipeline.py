@@ -182,6 +182,35 @@ async def test_script_runner_recovers_from_script_flush_and_a_killed_connection(
         await client.aclose()
 
 
+async def test_a_batched_call_whose_connection_fails_is_sent_again_through_redis_py(settings):
+    """The connection fails with a batch of holds queued on it: each hold still gets its own reply, once."""
+    with throwaway_redis() as url:
+        client = redis_client(url, settings)
+        runner = ScriptRunner(client)
+        admin = redis.Redis.from_url(url)
+        admin.hset(
+            "{evt:x}:meta",
+            mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9},
+        )
+        admin.hset(
+            "{evt:x}:zone:ga",
+            mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 100},
+        )
+        assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0  # the pipe is connected
+        item = b'[{"zone_id":"ga","quantity":1}]'
+        futs = [
+            runner.batched("hold", "{evt:x}:meta", [60, 100], (f"h{i}", f"c{i}", 0, item, ""))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0)  # the batch is queued on the connection, not yet written
+        runner.pipe._conn.close()
+        replies = await asyncio.gather(*futs)
+        assert [r[0] for r in replies] == [1, 1, 1]  # tickets of each created hold
+        assert admin.hget("{evt:x}:zone:ga", "held") == b"3" and admin.zcard("{evt:x}:expiry") == 3
+        runner.close()
+        await client.aclose()
+
+
 async def test_a_command_sent_after_an_idle_spell_gets_its_full_timeout():
     """The stall clock starts when a command goes out, not at the last reply before an idle spell."""
     with throwaway_redis() as url:
