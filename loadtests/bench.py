@@ -13,7 +13,7 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
   generator spends no more on a hold than on ``/healthz``),
   ``POST confirm`` (of holds made beforehand through ``Inventory``; confirms/s counts ``201`` only),
   ``GET availability`` and ``GET seats`` (a page of 100 of a 2,000-seat zone);
-* the raw hold script ceiling: ``redis-benchmark`` sending ``EVALSHA hold`` straight to the same Redis
+* the raw hold script ceiling: ``redis-benchmark`` sending ``EVALSHA hold`` (one hold per call) straight to the same Redis
   (50 connections, without and with pipelining of 16), while the API is down;
 * write-through lag p50/p99 from ``orders.persisted_at - confirmed_at`` of the confirmed orders;
 * the audit (``loadtests.audit.audit_event``) of every event the bench sold, with wrk's 201 bodies as acks.
@@ -296,8 +296,9 @@ def wrk(
 
 
 def script_ceiling(redis_url: str, event_id: str, *, pipeline: int, requests: int) -> Measure:
-    """``redis-benchmark`` sending ``EVALSHA hold`` (a new random hold id and customer each call, one GA
-    ticket) to the event; 50 connections, ``pipeline`` commands in flight per connection."""
+    """``redis-benchmark`` sending ``EVALSHA hold`` (one hold per call, with a new random hold id and customer
+    each call, one GA ticket) to the event; 50 connections, ``pipeline`` commands in flight per connection.
+    The API sends an event's holds of one event-loop tick as one call, which costs Redis less per hold."""
     from service import keys
     from service.scripts import script_source
 
