@@ -86,20 +86,21 @@ class Tally:
     def __init__(self, interval_seconds: float = 1.0):
         self.interval_seconds = interval_seconds
         self._counts: dict[tuple[Counter, str], int] = {}
-        self._scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a flush is scheduled, if anywhere
 
     def inc(self, metric: Counter, label: str) -> None:
         """Count one for ``metric`` with its one label value (bounded, like any label)."""
         key = (metric, label)
         counts = self._counts
         counts[key] = counts.get(key, 0) + 1
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_later(self.interval_seconds, self.flush)
+        # a flush scheduled on a loop that has closed since (it ended without a shutdown flush) never runs
+        if self._flush_loop is None or self._flush_loop.is_closed():
+            loop = self._flush_loop = asyncio.get_running_loop()
+            loop.call_later(self.interval_seconds, self.flush)
 
     def flush(self) -> None:
         """Add what was counted since the last flush to the counters."""
-        self._scheduled = False
+        self._flush_loop = None
         counts, self._counts = self._counts, {}
         for (metric, label), n in counts.items():
             child(metric, label).inc(n)

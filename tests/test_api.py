@@ -368,6 +368,24 @@ async def test_tally_adds_its_counts_to_the_counter_within_its_interval():
     assert counter.labels("e1")._value.get() == 4
 
 
+def test_tally_counted_after_its_loop_closed_is_flushed_on_the_next_loop():
+    """A loop that ends before its scheduled flush (no shutdown flush) must not stop later flushes."""
+    from prometheus_client import Counter
+
+    from service.metrics import Tally
+
+    counter = Counter("boxoffice_test_tally_loops_total", "test", ["event_id"], registry=None)
+    tally = Tally(interval_seconds=0.05)
+
+    async def count(wait_seconds: float) -> None:
+        tally.inc(counter, "e1")
+        await asyncio.sleep(wait_seconds)
+
+    asyncio.run(count(0))  # ends before the flush it scheduled
+    asyncio.run(count(0.15))
+    assert counter.labels("e1")._value.get() == 2
+
+
 async def test_api_start_up_raises_the_young_gc_threshold(client):
     """service/app.py: holds keep requests alive across the Redis round trip; young collections run less often."""
     import gc
