@@ -251,8 +251,8 @@ async def _expire_holds(
         await asyncio.sleep(min(max(wait, POLL_SECONDS), 1.0))
 
 
-async def _drain(redis: aioredis.Redis, event_id: str, timeout_seconds: float) -> int:
-    """Wait for the outbox backlog to reach 0; returns the backlog at the end."""
+async def drain(redis: aioredis.Redis, event_id: str, timeout_seconds: float) -> int:
+    """Wait for the outbox backlog to reach 0 (at most ``timeout_seconds``); returns the backlog at the end."""
     deadline = time.monotonic() + timeout_seconds
     while True:
         backlog = await outbox_backlog(redis, event_id)
@@ -291,7 +291,7 @@ async def audit_event(
         drain_timeout_seconds if hold_expiry_timeout_seconds is None else hold_expiry_timeout_seconds
     )
     report.holds_reaped, report.active_holds = await _expire_holds(redis, inventory, event_id, expiry_timeout)
-    report.outbox_backlog = await _drain(redis, event_id, drain_timeout_seconds)
+    report.outbox_backlog = await drain(redis, event_id, drain_timeout_seconds)
     if report.outbox_backlog:
         report.add(
             "drain",

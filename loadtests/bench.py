@@ -11,7 +11,8 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
   zone, so nothing sells out: every hold measured is a ``201``; the requests are built before the run,
   for 10,000 customers per wrk thread taken in turn, as ``/healthz``'s one request is, so the load
   generator spends no more on a hold than on ``/healthz``),
-  ``POST confirm`` (of holds made beforehand through ``Inventory``; confirms/s counts ``201`` only),
+  ``POST confirm`` (of holds made beforehand through ``Inventory``; confirms/s counts ``201`` only; the
+  next run waits until the worker has written those orders through),
   ``GET availability`` and ``GET seats`` (a page of 100 of a 2,000-seat zone);
 * the raw hold script ceiling: ``redis-benchmark`` sending ``EVALSHA hold`` (one hold per call) straight to the same Redis
   (50 connections, without and with pipelining of 16), while the API is down;
@@ -458,6 +459,23 @@ def reap_after(settings: Settings, event_id: str, seconds: float) -> int:
     return asyncio.run(_with_inventory(settings, go))
 
 
+def drain_outbox(settings: Settings, event_id: str, timeout_seconds: float = 120.0) -> int:
+    """Wait until the worker has written every confirmed order of the event through to PostgreSQL, so that
+    its write-through does not run inside the next load run. Returns the backlog left (0 when drained)."""
+    import redis.asyncio as aioredis
+
+    from loadtests.audit import drain
+
+    async def go() -> int:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await drain(client, event_id, timeout_seconds)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
 def load_ceiling_event(settings: Settings, event_id: str) -> None:
     from service.domain import EventSpec
 
@@ -634,6 +652,7 @@ def measure_mode(
             acks_dir.mkdir(parents=True, exist_ok=True)
             run("confirm", [f"/v1/events/{confirm_event}/holds/", str(ids_file), str(acks_dir)])
             release_holds(settings, confirm_event, hold_ids)
+            drain_outbox(settings, confirm_event)  # the next run starts with the worker idle
             sold[confirm_event] = acks_dir
             confirm_events.append(confirm_event)
             run("availability", [f"/v1/events/{read_event}/availability"])
