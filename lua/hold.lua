@@ -27,7 +27,8 @@
       unknown_seats {zone_id, seats}, ttl_too_long {max_ttl_seconds},
       idempotency_conflict, sold_out {zone_id, requested, available},
       seats_unavailable {seats: [{zone_id, seat}]}, limit_exceeded {limit, current, requested}
-    error reply  that hold failed inside Redis (e.g. OOM before its first write); the others stand
+    error reply  that hold failed inside Redis; the others stand. (Out of memory, Redis refuses a script's
+                 writes until its first one succeeds: then every hold of the call that must write fails.)
   H = {hold_id, customer_id, status, items, tickets, amount_cents, created_at_ms, expires_at_ms, ...}
 ]]
 --- @include common

@@ -59,6 +59,7 @@ class ScriptRunner:
         }
         self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._batches: dict[tuple[str, str], _Batch] = {}  # (script, key) -> the items of this tick
+        self._batches_loop: asyncio.AbstractEventLoop | None = None  # the loop those items belong to
         self._flushing: set[asyncio.Task] = set()
         self.pipe: AutoPipeline | None = None
         pool = getattr(client, "connection_pool", None)  # RedisCluster has none: per-tick redis-py pipelines
@@ -122,6 +123,9 @@ class ScriptRunner:
         if not self.auto_pipeline:
             self._send_batch(_Batch(self, name, key, [*common, *item], [fut]))
             return fut
+        if self._batches_loop is not loop:
+            # what an earlier loop queued died with it (that loop stopped before its flush ran)
+            self._batches, self._batches_loop = {}, loop
         batch = self._batches.get((name, key))
         if batch is None:
             if not self._batches:
@@ -140,14 +144,21 @@ class ScriptRunner:
             self._send_batch(batch)
 
     def _send_batch(self, batch: _Batch) -> None:
-        if self.pipe is not None:
-            cmd = ("EVALSHA", self.scripts[batch.name].sha, 1, batch.key, *batch.args)
-            if self.pipe.submit(cmd, batch) is not None:
-                return  # the connection hands the reply to batch.set_result / set_exception
-        self._spawn(batch.run())  # not connected yet, or no auto-pipeline: run() and its fallbacks
+        """Send one batch. Never raises: a failure to send (an argument hiredis cannot pack, say) fails that
+        batch's items, not the other batches of the tick nor the caller that filled it."""
+        try:
+            if self.pipe is not None:
+                cmd = ("EVALSHA", self.scripts[batch.name].sha, 1, batch.key, *batch.args)
+                if self.pipe.submit(cmd, batch) is not None:
+                    return  # the connection hands the reply to batch.set_result / set_exception
+            self._spawn(
+                batch.loop, batch.run()
+            )  # not connected yet, or no auto-pipeline: run() and its fallbacks
+        except Exception as exc:
+            batch.fail(exc)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Any) -> None:
+        task = loop.create_task(coro)
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
@@ -220,10 +231,17 @@ class _Batch:
 
     def set_exception(self, exc: BaseException) -> None:
         self._done = True
+        if self.loop.is_closed():  # the connection of a loop that has ended: its callers are gone too
+            return
         if isinstance(exc, NoScriptError | RedisConnectionError | RedisTimeoutError):
-            self.runner._spawn(self.run(self.runner.scripts[self.name]))
+            self.runner._spawn(self.loop, self.run(self.runner.scripts[self.name]))
         else:
             self.fail(exc)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop of the callers waiting for this batch."""
+        return self.futures[0].get_loop()
 
     async def run(self, script: AsyncScript | None = None) -> None:
         """Send the call through ``ScriptRunner.run`` (or straight through redis-py with ``script``)."""

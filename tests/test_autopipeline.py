@@ -211,6 +211,42 @@ async def test_a_batched_call_whose_connection_fails_is_sent_again_through_redis
         await client.aclose()
 
 
+def test_holds_queued_on_a_loop_that_stopped_before_sending_them_do_not_block_the_next_loop(settings):
+    """A loop stopped in the very tick it queued a hold (its flush never ran): holds on a later loop still go out."""
+    with throwaway_redis() as url:
+        admin = redis.Redis.from_url(url)
+        admin.hset(
+            "{evt:x}:meta",
+            mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9},
+        )
+        admin.hset(
+            "{evt:x}:zone:ga", mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 1}
+        )
+        item = b'[{"zone_id":"ga","quantity":1}]'
+        client = redis_client(url, settings)
+        runner = ScriptRunner(client)
+        first = asyncio.new_event_loop()
+
+        def queue_and_stop() -> None:
+            runner.batched("hold", "{evt:x}:meta", [60, 100], ("h1", "c1", 0, item, ""))
+            first.stop()  # before the next iteration, where the flush was to run
+
+        first.call_soon(queue_and_stop)
+        first.run_forever()
+        first.close()
+
+        async def later() -> list:
+            fut = runner.batched("hold", "{evt:x}:meta", [60, 100], ("h2", "c2", 0, item, ""))
+            try:
+                return await asyncio.wait_for(fut, 5)
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(later())[0] == 1  # tickets of the created hold
+        runner.close()
+        assert admin.zrange("{evt:x}:expiry", 0, -1) == [b"h2"]
+
+
 async def test_a_command_sent_after_an_idle_spell_gets_its_full_timeout():
     """The stall clock starts when a command goes out, not at the last reply before an idle spell."""
     with throwaway_redis() as url:

@@ -354,12 +354,20 @@ async def evalsha_calls(client) -> int:
 async def test_holds_of_one_tick_go_to_redis_as_one_call_per_event(settings):
     """The holds an event gets in one tick are one EVALSHA (at most MAX_BATCH each); each gets its own answer,
     as if they had run one by one: stock runs out part-way, a reused idempotency key replays the first hold."""
+    from loadtests.local import throwaway_redis
     from service.scripts import MAX_BATCH
 
-    client = aioredis.Redis.from_url(settings.redis_url)
-    inv = Inventory(client, Settings(redis_url=settings.redis_url, database_url="postgresql://unused"))
+    with throwaway_redis() as url:  # a private server: nothing else's EVALSHA is counted
+        await _one_call_per_event(url, MAX_BATCH)
+
+
+async def _one_call_per_event(url: str, max_batch: int) -> None:
+    client = aioredis.Redis.from_url(url)
+    inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused"))
     eid = new_event_id("batch")
     await inv.load_event(spec(eid, ga=5, seats=2, per_customer=1000))
+    await inv.runner.load()
+    await inv.availability(eid)  # the auto-pipeline is connected
     try:
         before = await evalsha_calls(client)
         outcomes = await asyncio.gather(
@@ -381,7 +389,7 @@ async def test_holds_of_one_tick_go_to_redis_as_one_call_per_event(settings):
 
         before = await evalsha_calls(client)
         many = await asyncio.gather(
-            *(inv.hold(eid, req(customer=f"m{i}", ga=1)) for i in range(2 * MAX_BATCH + 1)),
+            *(inv.hold(eid, req(customer=f"m{i}", ga=1)) for i in range(2 * max_batch + 1)),
             return_exceptions=True,
         )
         assert await evalsha_calls(client) - before == 3
@@ -405,21 +413,61 @@ async def test_a_hold_that_fails_inside_redis_does_not_fail_its_batch(any_redis)
             "hold", meta, common, ("h_good", "c1", 0, b'[{"zone_id":"ga","quantity":2}]', "")
         )
         bad = inv.runner.batched("hold", meta, common, ("h_bad", "c2", 0, b"not json", ""))
-        results = await asyncio.gather(good, bad, return_exceptions=True)
-        assert results[0][0] == 2  # tickets of the created hold
-        assert isinstance(results[1], ResponseError)
+        # fails at its last write (SET ... EX with a TTL that is not a number), after its stock moved: what it
+        # wrote stays, as with any script error, and the next hold still runs
+        late = inv.runner.batched(
+            "hold", meta, common, ("h_late", "c3", 0, b'[{"zone_id":"ga","quantity":1}]', "sha x key-1")
+        )
+        after = inv.runner.batched(
+            "hold", meta, common, ("h_after", "c4", 0, b'[{"zone_id":"ga","quantity":3}]', "")
+        )
+        results = await asyncio.gather(good, bad, late, after, return_exceptions=True)
+        assert results[0][0] == 2 and results[3][0] == 3  # tickets of the created holds
+        assert isinstance(results[1], ResponseError) and isinstance(results[2], ResponseError)
         assert (await inv.get_hold(eid, "h_good"))["status"] == "active"
-        assert (await zones(inv, eid))["ga"]["held"] == 2
+        assert (await inv.get_hold(eid, "h_after"))["status"] == "active"
+        assert (await zones(inv, eid))["ga"]["held"] == 2 + 1 + 3
     finally:
         await inv.unload_event(eid)
+        inv.close()
+
+
+async def test_a_batch_that_cannot_be_sent_fails_only_its_own_holds(settings):
+    """An argument hiredis cannot pack fails that batch's holds; another event's batch of the tick still runs."""
+    from loadtests.local import throwaway_redis
+
+    with throwaway_redis() as url:
+        client = aioredis.Redis.from_url(url)
+        inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused"))
+        a, b = new_event_id("sendfail"), new_event_id("sendok")
+        for eid in (a, b):
+            await inv.load_event(spec(eid))
+        try:
+            await inv.availability(a)  # the auto-pipeline is connected
+            item = b'[{"zone_id":"ga","quantity":1}]'
+            broken = inv.runner.batched("hold", keys.meta(a), inv._common(), ("h_a", None, 0, item, ""))
+            fine = inv.runner.batched("hold", keys.meta(b), inv._common(), ("h_b", "c", 0, item, ""))
+            results = await asyncio.wait_for(asyncio.gather(broken, fine, return_exceptions=True), 5)
+            assert isinstance(results[0], TypeError) and results[1][0] == 1
+        finally:
+            inv.close()
+            await client.aclose()
 
 
 async def test_without_auto_pipelining_each_hold_is_its_own_call(settings):
-    client = aioredis.Redis.from_url(settings.redis_url)
-    s = Settings(redis_url=settings.redis_url, database_url="postgresql://unused", auto_pipeline=False)
+    from loadtests.local import throwaway_redis
+
+    with throwaway_redis() as url:
+        await _one_call_per_hold(url)
+
+
+async def _one_call_per_hold(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    s = Settings(redis_url=url, database_url="postgresql://unused", auto_pipeline=False)
     inv = Inventory(client, s)
     eid = new_event_id("nobatch")
     await inv.load_event(spec(eid))
+    await inv.runner.load()
     try:
         before = await evalsha_calls(client)
         held = await asyncio.gather(*(inv.hold(eid, req(customer=f"c{i}", ga=1)) for i in range(3)))
