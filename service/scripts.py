@@ -151,9 +151,8 @@ class ScriptRunner:
                 cmd = ("EVALSHA", self.scripts[batch.name].sha, 1, batch.key, *batch.args)
                 if self.pipe.submit(cmd, batch) is not None:
                     return  # the connection hands the reply to batch.set_result / set_exception
-            self._spawn(
-                batch.loop, batch.run()
-            )  # not connected yet, or no auto-pipeline: run() and its fallbacks
+            # not connected yet, or no auto-pipeline: through run() and its fallbacks
+            self._spawn(batch.loop, batch.run())
         except Exception as exc:
             batch.fail(exc)
 
