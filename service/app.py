@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -145,6 +146,27 @@ async def _internal(request: Request, exc: Exception) -> JSON:
     return error_response(DomainError("internal_error"))
 
 
+class AppState(State):
+    """``app.state`` whose values are also plain instance attributes, so reading one is an ordinary lookup.
+
+    Starlette's ``State`` keeps them in a dict reached through ``__getattr__``, which Python calls only after
+    the normal lookup failed and built an ``AttributeError`` with a formatted message: ~0.65 us a read, and
+    a hold reads two (callgrind: the only exceptions on its path). Setting or deleting by attribute or by key
+    keeps both in step; everything else is Starlette's.
+    """
+
+    def __setattr__(self, key: str, value: object) -> None:
+        self._state[key] = value
+        object.__setattr__(self, key, value)
+
+    def __delattr__(self, key: str) -> None:
+        del self._state[key]
+        object.__delattr__(self, key)
+
+    __setitem__ = __setattr__
+    __delitem__ = __delattr__
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app. ``REDIS_URL`` and ``DATABASE_URL`` must be set by then (``boxoffice serve`` chooses them)."""
     settings = settings or get_settings()
@@ -209,5 +231,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=handlers,
         middleware=[Middleware(RequestContext, templates=templates)],
     )
+    app.state = AppState()
     app.state.settings = settings
     return app

@@ -393,3 +393,26 @@ async def test_api_start_up_raises_the_young_gc_threshold(client):
     from service.settings import Settings
 
     assert gc.get_threshold()[0] == Settings().gc_young_threshold
+
+
+async def test_app_state_reads_never_fall_back_to_getattr(app, client, make_event, monkeypatch):
+    """service/app.py AppState: a hold reads app.state twice; Starlette's State would build an AttributeError
+    each time before its __getattr__ answers. With that fallback broken, the API must still serve."""
+    from starlette.datastructures import State
+
+    def broken(self, key):
+        raise AssertionError(f"app.state.{key} went through State.__getattr__")
+
+    monkeypatch.setattr(State, "__getattr__", broken)
+    eid = (await make_event())["event_id"]
+    r = await hold(client, eid, items=[{"zone_id": "floor", "quantity": 1}])
+    assert r.status_code == 201, r.text
+    confirm = f"/v1/events/{eid}/holds/{r.json()['hold_id']}/confirm"
+    assert (await client.post(confirm, json={"payment_ref": "p"})).status_code == 201
+    app.state["probe"] = 1  # by key and by attribute stay in step
+    assert app.state.probe == 1
+    del app.state.probe
+    assert "probe" not in list(app.state)
+    monkeypatch.undo()
+    with pytest.raises(AttributeError):
+        _ = app.state.probe
