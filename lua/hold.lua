@@ -91,8 +91,10 @@ end
 
 -- One hold: the reply for it (see the header).
 local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
-  local existing = view(hold_id)
-  if existing then return cjson.encode({ hold = existing, replay = false }) end
+  -- Nearly always a new id: EXISTS answers that for less than reading the hold (callgrind: 2k of ~133k).
+  if redis.call('EXISTS', prefix .. 'hold:' .. hold_id) == 1 then
+    return cjson.encode({ hold = view(hold_id), replay = false })
+  end
 
   if not meta[1] then return fail('event_not_found') end
 

@@ -400,6 +400,35 @@ async def _one_call_per_event(url: str, max_batch: int) -> None:
         await client.aclose()
 
 
+async def test_holds_of_one_call_with_different_numbers_each_get_their_own(inv):
+    """lua/includes/common.lua int() converts each distinct number once per script call and reuses the string:
+    holds of one call with different quantities, prices and TTLs (and a release giving them back) must each
+    be counted with their own numbers."""
+    inv, eid = inv
+    reqs = [
+        req(customer="a", ga=1, ttl=60),
+        req(customer="b", ga=3, ttl=120),
+        req(customer="a", ga=2, ttl=60),
+        req(customer="c", ttl=120, ga=1, seats=["A1", "A2"]),
+    ]
+    holds = [h for h, _ in await asyncio.gather(*(inv.hold(eid, r) for r in reqs))]
+    assert [h["tickets"] for h in holds] == [1, 3, 2, 3]
+    assert [h["amount_cents"] for h in holds] == [1000, 3000, 2000, 11000]
+    assert [h["expires_at_ms"] - h["created_at_ms"] for h in holds] == [60_000, 120_000, 60_000, 120_000]
+    stored = [await inv.get_hold(eid, h["hold_id"]) for h in holds]
+    fields = ("tickets", "amount_cents", "created_at_ms", "expires_at_ms")
+    assert [[s[k] for k in fields] for s in stored] == [[h[k] for k in fields] for h in holds]
+    z = await zones(inv, eid)
+    assert (z["ga"]["available"], z["ga"]["held"], z["s"]["held"]) == (3, 7, 2)
+    customers = await inv.client.hgetall(keys.customers(eid))
+    assert {k.decode(): int(v) for k, v in customers.items()} == {"a": 3, "b": 3, "c": 3}
+    await asyncio.gather(inv.release(eid, holds[1]["hold_id"]), inv.release(eid, holds[3]["hold_id"]))
+    z = await zones(inv, eid)
+    assert (z["ga"]["available"], z["ga"]["held"], z["s"]["held"]) == (7, 3, 0)
+    customers = await inv.client.hgetall(keys.customers(eid))
+    assert {k.decode(): int(v) for k, v in customers.items()} == {"a": 3}
+
+
 async def test_a_hold_that_fails_inside_redis_does_not_fail_its_batch(any_redis):
     """One item the script cannot run (here: items that are not JSON) answers its own error; the rest stand."""
     from redis.exceptions import ResponseError
