@@ -58,6 +58,7 @@ class ScriptRunner:
             n: client.register_script(script_source(n)) for n in SCRIPT_NAMES
         }
         self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
+        self._queue_loop: asyncio.AbstractEventLoop | None = None  # the loop the queued calls belong to
         self._batches: dict[tuple[str, str], _Batch] = {}  # (script, key) -> the items of this tick
         self._batches_loop: asyncio.AbstractEventLoop | None = None  # the loop those items belong to
         self._flushing: set[asyncio.Task] = set()
@@ -102,10 +103,14 @@ class ScriptRunner:
                 return await script(keys=keys, args=args)  # loads it if need be; retries with backoff
         if not self.auto_pipeline:
             return await script(keys=keys, args=args)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._queue_loop is not loop:
+            # what an earlier loop queued died with it (that loop stopped before its flush ran)
+            self._queue, self._queue_loop = [], loop
+        fut = loop.create_future()
         self._queue.append((script, keys, args, fut))
         if len(self._queue) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         return await fut
 
     def batched(self, name: str, key: str, common: list[Any], item: tuple[Any, ...]) -> asyncio.Future:

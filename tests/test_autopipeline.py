@@ -247,6 +247,32 @@ def test_holds_queued_on_a_loop_that_stopped_before_sending_them_do_not_block_th
         assert admin.zrange("{evt:x}:expiry", 0, -1) == [b"h2"]
 
 
+def test_calls_queued_on_a_loop_that_stopped_before_sending_them_do_not_block_the_next_loop():
+    """The per-tick redis-py pipeline (TLS, Redis Cluster, or any client the auto-pipeline cannot serve, such as
+    fakeredis here): a loop stopped in the very tick it queued a call must not leave later loops' calls waiting."""
+    import fakeredis
+
+    runner = ScriptRunner(fakeredis.FakeAsyncRedis())
+    assert runner.pipe is None and runner.auto_pipeline
+    first = asyncio.new_event_loop()
+
+    async def queue_and_stop() -> None:
+        first.create_task(runner.run("reap", ["{evt:x}:meta"], [60, 100]))
+        await asyncio.sleep(0)  # that task queues its call and schedules the flush for the next iteration
+        first.stop()
+
+    first.create_task(queue_and_stop())
+    first.run_forever()
+    for task in asyncio.all_tasks(first):
+        task.cancel()
+    first.close()
+
+    async def later() -> object:
+        return await asyncio.wait_for(runner.run("reap", ["{evt:x}:meta"], [60, 100]), 5)
+
+    assert asyncio.run(later()) == 0  # no event, nothing reaped: the call went out and came back
+
+
 async def test_a_command_sent_after_an_idle_spell_gets_its_full_timeout():
     """The stall clock starts when a command goes out, not at the last reply before an idle spell."""
     with throwaway_redis() as url:
