@@ -139,7 +139,12 @@ async def test_a_run_out_hold_still_waiting_to_be_reaped_acts_expired_everywhere
     eid = new_event_id("settle")
     await inv.load_event(spec(eid, ga=6))
     try:
-        holds = [(await inv.hold(eid, req(customer=f"c{i}", ga=1, ttl=1)))[0]["hold_id"] for i in range(6)]
+        holds = []
+        for i in range(6):
+            holds.append((await inv.hold(eid, req(customer=f"c{i}", ga=1, ttl=1)))[0]["hold_id"])
+            # Distinct expiry times, in order: holds made in the same millisecond tie in the expiry set, where
+            # Redis orders them by their (random) ids, so "the oldest" could be a later call's own hold.
+            await asyncio.sleep(0.002)
         await asyncio.sleep(1.1)
         # each call reaps the oldest queued hold, then meets its own hold expired but not yet reaped
         assert (await inv.get_hold(eid, holds[1]))["status"] == "expired"
