@@ -147,6 +147,8 @@ class ScriptRunner:
         batches, self._batches = self._batches, {}
         for batch in batches.values():
             self._send_batch(batch)
+        if self.pipe is not None:
+            self.pipe.flush()  # every batch of the tick is queued: write them now, not one iteration later
 
     def _send_batch(self, batch: _Batch) -> None:
         """Send one batch. Never raises: a failure to send (an argument hiredis cannot pack, say) fails that
