@@ -218,7 +218,11 @@ class _Connection(asyncio.Protocol):
         out, self._out = self._out, []
         if self.closed or not out:  # lost since: connection_lost already failed these futures
             return
-        self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+        try:
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+        except Exception as exc:  # e.g. the transport is closing under us: as if the connection were lost
+            self._fail(RedisConnectionError(f"Redis connection write failed: {exc!r}"))
+            return
         if self._watchdog is None:
             loop = asyncio.get_running_loop()
             self._last_reply = loop.time()

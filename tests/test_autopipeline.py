@@ -251,6 +251,43 @@ async def test_a_batch_whose_reply_is_lost_is_sent_again_and_answers_each_hold_o
         await client.aclose()
 
 
+async def test_a_write_that_fails_fails_over_like_a_lost_connection(settings):
+    """A transport that refuses the write (closing under us): the batch's holds are sent again through
+    redis-py and answered, instead of waiting forever for a reply to bytes that never left."""
+    with throwaway_redis() as url:
+        client = redis_client(url, settings)
+        runner = ScriptRunner(client)
+        admin = redis.Redis.from_url(url)
+        admin.hset(
+            "{evt:x}:meta",
+            mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9},
+        )
+        admin.hset(
+            "{evt:x}:zone:ga",
+            mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 100},
+        )
+        assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0  # the pipe is connected
+        conn = runner.pipe._conn
+        transport = conn._transport
+
+        class Refusing:
+            def write(self, data: bytes) -> None:
+                raise RuntimeError("unable to perform operation: transport is closing")
+
+            def abort(self) -> None:
+                transport.abort()
+
+        conn._transport = Refusing()
+        item = b'[{"zone_id":"ga","quantity":1}]'
+        reply = await asyncio.wait_for(
+            runner.batched("hold", "{evt:x}:meta", [60, 100], ("h1", "c1", 0, item, "")), 5
+        )
+        assert reply[0] == 1 and conn.closed  # created, through the fallback; the next call reconnects
+        assert admin.hget("{evt:x}:zone:ga", "held") == b"1"
+        runner.close()
+        await client.aclose()
+
+
 async def test_the_batches_of_a_tick_are_written_when_they_are_flushed(settings):
     """ScriptRunner flushes the tick's batches and writes them at once (AutoPipeline.flush), not one loop
     iteration later: Redis starts on them an iteration earlier (quick A/B: idle 7-8 -> 4 %, loadtests/RESULTS.md)."""
