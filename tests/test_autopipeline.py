@@ -24,6 +24,19 @@ from service.autopipeline import CLIENT_NAME, AutoPipeline
 from service.scripts import ScriptRunner
 
 
+def _ga_event(url: str) -> redis.Redis:
+    """Event ``x`` with one general-admission zone of 10 tickets, written straight into the server at ``url``
+    (no catalog: these tests are about the connection). Returns a plain client on it."""
+    admin = redis.Redis.from_url(url)
+    admin.hset(
+        "{evt:x}:meta", mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9}
+    )
+    admin.hset(
+        "{evt:x}:zone:ga", mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 100}
+    )
+    return admin
+
+
 def _pipe(url: str, timeout_seconds: float = 5.0) -> AutoPipeline:
     pool = aioredis.ConnectionPool.from_url(url)
     return AutoPipeline(pool.connection_kwargs, timeout_seconds=timeout_seconds, connect_timeout_seconds=2)
@@ -188,15 +201,7 @@ async def test_a_batched_call_whose_connection_fails_is_sent_again_through_redis
     with throwaway_redis() as url:
         client = redis_client(url, settings)
         runner = ScriptRunner(client)
-        admin = redis.Redis.from_url(url)
-        admin.hset(
-            "{evt:x}:meta",
-            mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9},
-        )
-        admin.hset(
-            "{evt:x}:zone:ga",
-            mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 100},
-        )
+        admin = _ga_event(url)
         assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0  # the pipe is connected
         item = b'[{"zone_id":"ga","quantity":1}]'
         futs = [
@@ -222,15 +227,7 @@ async def test_a_batch_whose_reply_is_lost_is_sent_again_and_answers_each_hold_o
     with throwaway_redis() as url:
         client = redis_client(url, settings)
         runner = ScriptRunner(client)
-        admin = redis.Redis.from_url(url)
-        admin.hset(
-            "{evt:x}:meta",
-            mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9},
-        )
-        admin.hset(
-            "{evt:x}:zone:ga",
-            mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 100},
-        )
+        admin = _ga_event(url)
         await runner.load()  # no NOSCRIPT: the batch runs as it is sent
         assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0  # the pipe is connected
         item = b'[{"zone_id":"ga","quantity":1}]'
@@ -257,15 +254,7 @@ async def test_a_write_that_fails_fails_over_like_a_lost_connection(settings):
     with throwaway_redis() as url:
         client = redis_client(url, settings)
         runner = ScriptRunner(client)
-        admin = redis.Redis.from_url(url)
-        admin.hset(
-            "{evt:x}:meta",
-            mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9},
-        )
-        admin.hset(
-            "{evt:x}:zone:ga",
-            mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 100},
-        )
+        admin = _ga_event(url)
         assert int(await runner.run("reap", ["{evt:x}:meta"], [60, 100])) == 0  # the pipe is connected
         conn = runner.pipe._conn
         transport = conn._transport
@@ -307,14 +296,7 @@ async def test_the_batches_of_a_tick_are_written_when_they_are_flushed(settings)
 def test_holds_queued_on_a_loop_that_stopped_before_sending_them_do_not_block_the_next_loop(settings):
     """A loop stopped in the very tick it queued a hold (its flush never ran): holds on a later loop still go out."""
     with throwaway_redis() as url:
-        admin = redis.Redis.from_url(url)
-        admin.hset(
-            "{evt:x}:meta",
-            mapping={"status": "on_sale", "hold_ttl_seconds": 60, "max_tickets_per_customer": 9},
-        )
-        admin.hset(
-            "{evt:x}:zone:ga", mapping={"kind": "ga", "available": 10, "held": 0, "sold": 0, "price_cents": 1}
-        )
+        admin = _ga_event(url)
         item = b'[{"zone_id":"ga","quantity":1}]'
         client = redis_client(url, settings)
         runner = ScriptRunner(client)
