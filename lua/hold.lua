@@ -45,9 +45,37 @@ local max_ttl, limit = tonumber(meta[2]), tonumber(meta[3])
 local ckey = prefix .. 'customers'
 local expiry_key = prefix .. 'expiry'
 
+-- Zones are read once per call and their counters written once, at its end: the holds of one call nearly
+-- always take tickets of the same few zones. zones[Z] is Redis' HMGET reply {kind, available, price_cents}
+-- (numbers) from the first read, false for no such zone; what this call's holds took since waits in
+-- `moved`. Before anything else moves stock (reaping, settling a hold read back), sync() writes the
+-- moves and forgets the zones. (redis-server under callgrind, GA holds: 127.7k -> 100.7k instructions per
+-- hold at 12 holds a call, 208.8k -> 200.7k at 2; a call of one hold pays ~10k more, ~5 %.)
+local zones, moved = {}, {}
+
+local function zone(zone_id)
+  local z = zones[zone_id]
+  if z == nil then
+    z = redis.call('HMGET', prefix .. 'zone:' .. zone_id, 'kind', 'available', 'price_cents')
+    if z[1] then
+      z[2], z[3] = tonumber(z[2]), tonumber(z[3])
+    else
+      z = false
+    end
+    zones[zone_id] = z
+  end
+  return z
+end
+
+local function sync()
+  write_moved(prefix, moved, 'available', 'held')
+  zones = {}
+end
+
 -- No reaping up front: a hold that fits does not need expired stock back, and every refusal below reaps
 -- and checks again. A hold read back is settled (an active one past its expiry is ended as expired).
 local function view(id)
+  sync()
   local h = hold_view(prefix, id)
   if h then h.status = settle(prefix, id, h.status, h.expires_at_ms, now, retention) end
   return h
@@ -59,9 +87,8 @@ local function check(items)
   local tickets, amount = 0, 0
   local taken = {}
   for _, item in ipairs(items) do
-    local zkey = prefix .. 'zone:' .. item.zone_id
-    local z = redis.call('HMGET', zkey, 'kind', 'available', 'price_cents')
-    if not z[1] then return false, fail('zone_not_found', { zone_id = item.zone_id }), false end
+    local z = zone(item.zone_id)
+    if not z then return false, fail('zone_not_found', { zone_id = item.zone_id }), false end
     if item.seats then
       if z[1] ~= 'seated' then return false, fail('invalid_item', { zone_id = item.zone_id, reason = 'general-admission zone: give quantity, not seats' }), false end
       local skey = prefix .. 'seats:' .. item.zone_id
@@ -76,14 +103,14 @@ local function check(items)
       end
     else
       if z[1] ~= 'ga' then return false, fail('invalid_item', { zone_id = item.zone_id, reason = 'seated zone: give seats, not quantity' }), false end
-      local available = tonumber(z[2])
+      local available = z[2] - (moved[item.zone_id] or 0)
       if item.quantity > available then
         return false, fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available }), true
       end
     end
     local n = item_count(item)
     tickets = tickets + n
-    amount = amount + n * tonumber(z[3])
+    amount = amount + n * z[3]
   end
   if #taken > 0 then return false, fail('seats_unavailable', { seats = taken }), true end
   return true, tickets, amount
@@ -122,7 +149,9 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   -- expires many holds in the same millisecond): while one could change the answer, reap another batch.
   local items = cjson.decode(items_json)
   local fits, result, extra = check(items)
-  while not fits and extra and reap(prefix, now, reap_limit, retention) > 0 do
+  while not fits and extra do
+    sync()
+    if reap(prefix, now, reap_limit, retention) == 0 then break end
     fits, result, extra = check(items)
   end
   if not fits then return result end
@@ -134,6 +163,7 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   local count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
   while count > limit do
     count = redis.call('HINCRBY', ckey, customer_id, int(-tickets))
+    sync()
     if reap(prefix, now, reap_limit, retention) == 0 then
       if count <= 0 then redis.call('HDEL', ckey, customer_id) end
       return fail('limit_exceeded', { limit = limit, current = count, requested = tickets })
@@ -142,7 +172,7 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   end
 
   -- Write.
-  move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id)
+  move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id, nil, moved)
   local expires_at = now + ttl_seconds * 1000
   local expires_s = int(expires_at)
   local hkey = prefix .. 'hold:' .. hold_id
@@ -167,4 +197,5 @@ for i = 3, #ARGV, 5 do
   end
   replies[#replies + 1] = reply
 end
+write_moved(prefix, moved, 'available', 'held')
 return replies

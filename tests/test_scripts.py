@@ -510,3 +510,52 @@ async def _one_call_per_hold(url: str) -> None:
     finally:
         await inv.unload_event(eid)
         await client.aclose()
+
+
+async def test_holds_of_one_call_see_each_others_stock_through_reaping_and_replays(any_redis):
+    """lua/hold.lua reads a zone once per call and writes its counters once, at the end: each hold must
+    still see what the call's earlier holds took, a refusal that reaps must see the stock it got back, and
+    so must a hold after a replay that settled an expired hold."""
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("zonecache")
+    await inv.load_event(spec(eid, ga=6))
+    meta, common = keys.meta(eid), inv._common()
+
+    def hold(hold_id: str, items: bytes) -> asyncio.Future:
+        return inv.runner.batched("hold", meta, common, (hold_id, f"c-{hold_id}", 0, items, ""))
+
+    def ga(n: int) -> bytes:
+        return orjson.dumps([{"zone_id": "ga", "quantity": n}])
+
+    try:
+        await inv.runner.run("hold", [meta], [*common, "h_x", "c-x", 1, ga(1), ""])  # runs out, not reaped
+        await asyncio.sleep(1.05)
+        # one call: 2 + 3 of the 5 left; the next finds none until it reaps h_x; the last finds none at all
+        results = await asyncio.gather(
+            hold("h1", ga(2)), hold("h2", ga(3)), hold("h3", ga(1)), hold("h4", ga(1)), return_exceptions=True
+        )
+        assert [r[0] for r in results[:3]] == [2, 3, 1]
+        refused = orjson.loads(results[3])
+        assert refused["err"] == "sold_out" and refused["details"]["available"] == 0
+        assert (await inv.get_hold(eid, "h_x"))["status"] == "expired"
+        z = (await zones(inv, eid))["ga"]
+        assert (z["available"], z["held"]) == (0, 6)
+
+        await inv.release(eid, "h3")  # 1 available again, then held by h_y, which runs out
+        await inv.runner.run("hold", [meta], [*common, "h_y", "c-y", 1, ga(1), ""])
+        await asyncio.sleep(1.05)
+        seats_on_ga = orjson.dumps([{"zone_id": "ga", "seats": ["A1"]}])
+        # one call: a refusal that reads the zone (none available), then h_y sent again (a replay that
+        # ends it as expired and gives its ticket back), then a hold that needs that ticket
+        results = await asyncio.gather(
+            hold("h5", seats_on_ga), hold("h_y", ga(1)), hold("h6", ga(1)), return_exceptions=True
+        )
+        assert orjson.loads(results[0])["err"] == "invalid_item"
+        replay = orjson.loads(results[1])
+        assert replay["replay"] is False and replay["hold"]["status"] == "expired"
+        assert results[2][0] == 1
+        z = (await zones(inv, eid))["ga"]
+        assert (z["available"], z["held"]) == (0, 6)
+    finally:
+        await inv.unload_event(eid)
+        inv.close()

@@ -72,7 +72,9 @@ end
 -- Move every item's tickets from one counter of its zone to another ('available' | 'held' | 'sold'),
 -- keeping available + held + sold == capacity. Seats get owner `mark` ("h:<hold>" or "s:<order>"); with
 -- mark nil, seats still owned by `previous` are freed. The one place a hold's stock changes hands.
-local function move_stock(prefix, items, from, to, mark, previous)
+-- With a table `moved`, the counters are only added up there per zone (zone_id -> tickets) for
+-- write_moved to write later in the same script (nobody sees a counter while a script runs).
+local function move_stock(prefix, items, from, to, mark, previous, moved)
   for _, item in ipairs(items) do
     if item.seats then
       local okey = prefix .. 'owner:' .. item.zone_id
@@ -84,9 +86,27 @@ local function move_stock(prefix, items, from, to, mark, previous)
         end
       end
     end
-    local zkey, n = prefix .. 'zone:' .. item.zone_id, item_count(item)
-    redis.call('HINCRBY', zkey, from, int(-n))
-    redis.call('HINCRBY', zkey, to, int(n))
+    local n = item_count(item)
+    if moved then
+      moved[item.zone_id] = (moved[item.zone_id] or 0) + n
+    else
+      local zkey = prefix .. 'zone:' .. item.zone_id
+      redis.call('HINCRBY', zkey, from, int(-n))
+      redis.call('HINCRBY', zkey, to, int(n))
+    end
+  end
+end
+
+-- Write and clear what move_stock added up in `moved`: one pair of HINCRBY per zone. Each zone is
+-- cleared before its write, so a write that fails is never repeated by a later call.
+local function write_moved(prefix, moved, from, to)
+  for zone_id, n in pairs(moved) do
+    moved[zone_id] = nil
+    if n ~= 0 then
+      local zkey = prefix .. 'zone:' .. zone_id
+      redis.call('HINCRBY', zkey, from, int(-n))
+      redis.call('HINCRBY', zkey, to, int(n))
+    end
   end
 end
 
