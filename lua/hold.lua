@@ -67,6 +67,11 @@ local function zone(zone_id)
   return z
 end
 
+-- Each distinct items JSON is decoded once per call: a sale's general-admission holds repeat a few shapes
+-- (the tables are only read). Callgrind, 12 holds a call: 99.0k -> 93.5k instructions per hold when all
+-- are alike, 151.1k -> 152.3k for seat holds that all differ.
+local decoded = {}
+
 local function sync()
   write_moved(prefix, moved, 'available', 'held')
   zones = {}
@@ -85,7 +90,7 @@ end
 -- else false, the refusal reply, and whether reaping more expired holds could change the answer.
 local function check(items)
   local tickets, amount = 0, 0
-  local taken = {}
+  local taken
   for _, item in ipairs(items) do
     local z = zone(item.zone_id)
     if not z then return false, fail('zone_not_found', { zone_id = item.zone_id }), false end
@@ -99,7 +104,10 @@ local function check(items)
       if #unknown > 0 then return false, fail('unknown_seats', { zone_id = item.zone_id, seats = unknown }), false end
       local owners = redis.call('HMGET', prefix .. 'owner:' .. item.zone_id, unpack(item.seats))
       for i, seat in ipairs(item.seats) do
-        if owners[i] then taken[#taken + 1] = { zone_id = item.zone_id, seat = seat } end
+        if owners[i] then
+          taken = taken or {}
+          taken[#taken + 1] = { zone_id = item.zone_id, seat = seat }
+        end
       end
     else
       if z[1] ~= 'ga' then return false, fail('invalid_item', { zone_id = item.zone_id, reason = 'seated zone: give seats, not quantity' }), false end
@@ -112,14 +120,15 @@ local function check(items)
     tickets = tickets + n
     amount = amount + n * z[3]
   end
-  if #taken > 0 then return false, fail('seats_unavailable', { seats = taken }), true end
+  if taken then return false, fail('seats_unavailable', { seats = taken }), true end
   return true, tickets, amount
 end
 
 -- One hold: the reply for it (see the header).
 local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   -- Nearly always a new id: EXISTS answers that for less than reading the hold (callgrind: 2k of ~133k).
-  if redis.call('EXISTS', prefix .. 'hold:' .. hold_id) == 1 then
+  local hkey = prefix .. 'hold:' .. hold_id
+  if redis.call('EXISTS', hkey) == 1 then
     return cjson.encode({ hold = view(hold_id), replay = false })
   end
 
@@ -147,7 +156,11 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
 
   -- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
   -- expires many holds in the same millisecond): while one could change the answer, reap another batch.
-  local items = cjson.decode(items_json)
+  local items = decoded[items_json]
+  if not items then
+    items = cjson.decode(items_json)
+    decoded[items_json] = items
+  end
   local fits, result, extra = check(items)
   while not fits and extra do
     sync()
@@ -175,7 +188,6 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   move_stock(prefix, items, 'available', 'held', 'h:' .. hold_id, nil, moved)
   local expires_at = now + ttl_seconds * 1000
   local expires_s = int(expires_at)
-  local hkey = prefix .. 'hold:' .. hold_id
   redis.call('HSET', hkey, 'hold_id', hold_id, 'customer_id', customer_id, 'status', 'active',
     'items', items_json, 'tickets', int(tickets), 'amount_cents', int(amount),
     'created_at_ms', int(now), 'expires_at_ms', expires_s)
