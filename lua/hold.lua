@@ -49,7 +49,7 @@ local expiry_key = prefix .. 'expiry'
 -- always take tickets of the same few zones. zones[Z] is Redis' HMGET reply {kind, available, price_cents}
 -- (numbers) from the first read, false for no such zone; what this call's holds took since waits in
 -- `moved`. Before anything else moves stock (reaping, settling a hold read back), sync() writes the
--- moves and forgets the zones. (redis-server under callgrind, GA holds: 127.7k -> 100.7k instructions per
+-- moves and forgets the zones. (redis-server under callgrind, GA holds: 125.1k -> 101.2k instructions per
 -- hold at 12 holds a call, 208.8k -> 200.7k at 2; a call of one hold pays ~10k more, ~5 %.)
 local zones, moved = {}, {}
 
