@@ -69,6 +69,13 @@ local function hold_view(prefix, hold_id)
   return view
 end
 
+-- Move n tickets of one zone from counter `from` to counter `to`.
+local function move_count(prefix, zone_id, from, to, n)
+  local zkey = prefix .. 'zone:' .. zone_id
+  redis.call('HINCRBY', zkey, from, int(-n))
+  redis.call('HINCRBY', zkey, to, int(n))
+end
+
 -- Move every item's tickets from one counter of its zone to another ('available' | 'held' | 'sold'),
 -- keeping available + held + sold == capacity. Seats get owner `mark` ("h:<hold>" or "s:<order>"); with
 -- mark nil, seats still owned by `previous` are freed. The one place a hold's stock changes hands.
@@ -90,9 +97,7 @@ local function move_stock(prefix, items, from, to, mark, previous, moved)
     if moved then
       moved[item.zone_id] = (moved[item.zone_id] or 0) + n
     else
-      local zkey = prefix .. 'zone:' .. item.zone_id
-      redis.call('HINCRBY', zkey, from, int(-n))
-      redis.call('HINCRBY', zkey, to, int(n))
+      move_count(prefix, item.zone_id, from, to, n)
     end
   end
 end
@@ -102,11 +107,7 @@ end
 local function write_moved(prefix, moved, from, to)
   for zone_id, n in pairs(moved) do
     moved[zone_id] = nil
-    if n ~= 0 then
-      local zkey = prefix .. 'zone:' .. zone_id
-      redis.call('HINCRBY', zkey, from, int(-n))
-      redis.call('HINCRBY', zkey, to, int(n))
-    end
+    if n ~= 0 then move_count(prefix, zone_id, from, to, n) end
   end
 end
 
