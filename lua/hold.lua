@@ -209,5 +209,14 @@ for i = 3, #ARGV, 5 do
   end
   replies[#replies + 1] = reply
 end
-write_moved(prefix, moved, 'available', 'held')
+-- The holds above are answered and written: a zone whose counters cannot be written now (only if they
+-- were corrupted, not integers) must not fail the whole call, nor keep the other zones' counters from
+-- being written. write_moved clears each zone before writing it, so every round drops at least one.
+while next(moved) do
+  local ok, err = pcall(write_moved, prefix, moved, 'available', 'held')
+  if not ok then
+    redis.log(redis.LOG_WARNING, 'hold: zone counters of ' .. prefix .. ' not written: ' ..
+      (type(err) == 'table' and tostring(err.err) or tostring(err)))
+  end
+end
 return replies

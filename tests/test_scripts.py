@@ -559,3 +559,31 @@ async def test_holds_of_one_call_see_each_others_stock_through_reaping_and_repla
     finally:
         await inv.unload_event(eid)
         inv.close()
+
+
+async def test_a_zone_whose_counters_cannot_be_written_fails_neither_the_call_nor_other_zones(any_redis):
+    """lua/hold.lua writes a call's zone counters after its holds have been answered: a zone whose counters
+    were corrupted (not integers; seated holds never read 'available') is skipped, the call's holds keep
+    their replies and the other zones' counters are still written (found by review: the whole call used to
+    fail after its holds were written, and a GA zone could be left without its moves)."""
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("corrupt")
+    await inv.load_event(spec(eid, ga=5))
+    try:
+        await any_redis.hset(keys.zone(eid, "s"), "available", "x")
+        meta, common = keys.meta(eid), inv._common()
+        seat = orjson.dumps([{"zone_id": "s", "seats": ["A1"]}])
+        results = await asyncio.gather(
+            # the seated zone first: its write fails before the GA zone's is reached
+            inv.runner.batched("hold", meta, common, ("h_s", "c1", 0, seat, "")),
+            inv.runner.batched(
+                "hold", meta, common, ("h_ga", "c2", 0, orjson.dumps([{"zone_id": "ga", "quantity": 2}]), "")
+            ),
+        )
+        assert [r[0] for r in results] == [1, 2]
+        ga = await any_redis.hmget(keys.zone(eid, "ga"), "available", "held")
+        assert [int(v) for v in ga] == [3, 2]
+        assert (await inv.get_hold(eid, "h_s"))["status"] == "active"
+    finally:
+        await inv.unload_event(eid)
+        inv.close()
