@@ -735,14 +735,32 @@ def _median_measures(runs: list[list[Measure]]) -> list[Measure]:
     return out
 
 
+def ratios_per_run(runs: list[list[Measure]], auto_pipeline: bool, clients: int) -> list[float]:
+    """holds/s over ``/healthz``/s of each run at ``clients`` connections, in run order; runs without both
+    are left out. The two load runs of a pair ran back to back, so both saw the VM at the same speed: their
+    spread shows how far a single bench's ratio can move on this machine."""
+    out = []
+    for ms in runs:
+        ok = {
+            m.route: m.ok_rps
+            for m in ms
+            if m.auto_pipeline is auto_pipeline and m.clients == clients and m.route in ("holds", "healthz")
+        }
+        if ok.get("healthz") and "holds" in ok:
+            out.append(ok["holds"] / ok["healthz"])
+    return out
+
+
 def summarize(
     measures: list[Measure],
     ceilings: list[Measure],
     lags: dict[str, list[dict]],
     audits: list[dict],
     clients: list[int],
+    runs: list[list[Measure]] | None = None,
 ) -> dict[str, Any]:
-    """Saturation figures and targets per auto-pipeline mode."""
+    """Saturation figures and targets per auto-pipeline mode; ``runs`` (each run's own measures) adds the
+    per-run holds/healthz ratios at the holds' best concurrency."""
     script_ceiling_rps = max((m.rps for m in ceilings), default=0.0)
     out: dict[str, Any] = {"script_ceiling_rps": script_ceiling_rps, "modes": {}}
     for mode in (True, False):
@@ -765,6 +783,7 @@ def summarize(
             "holds_vs_healthz": (holds.ok_rps / healthz.ok_rps)
             if holds and healthz and healthz.ok_rps
             else 0,
+            "holds_vs_healthz_per_run": ratios_per_run(runs or [], mode, holds.clients) if holds else [],
             "holds_vs_script": (holds.ok_rps / script_ceiling_rps) if holds and script_ceiling_rps else 0,
             "holds_p99_ms_at_min_clients": at100.p99_ms if at100 else 0,
             "holds_cpu_us": sum(holds.cpu_us_per_request.values()) if holds else 0,
@@ -850,13 +869,14 @@ def render(report: dict[str, Any]) -> None:
         "confirms/s (wrk)",
         "/healthz/s (wrk)",
         "holds/healthz",
+        "per run",
         "holds/script",
         "holds p99 @100",
         "CPU us: hold / healthz",
         "lag p50 ms",
         "lag p99 ms",
     ):
-        st.add_column(col, justify="right")
+        st.add_column(col, justify="right", no_wrap=col == "per run")
     for mode, v in s["modes"].items():
         st.add_row(
             mode,
@@ -864,6 +884,9 @@ def render(report: dict[str, Any]) -> None:
             f"{v['confirms_per_second']:.0f} @{v['confirms_at_clients']}",
             f"{v['healthz_per_second']:.0f}",
             f"{v['holds_vs_healthz']:.0%}",
+            "/".join(f"{r * 100:.0f}" for r in v.get("holds_vs_healthz_per_run", [])) + " %"
+            if v.get("holds_vs_healthz_per_run")
+            else "-",
             f"{v['holds_vs_script']:.0%}",
             f"{v['holds_p99_ms_at_min_clients']:.1f} ms",
             f"{v['holds_cpu_us']:.0f} / {v['healthz_cpu_us']:.0f}",
@@ -871,6 +894,11 @@ def render(report: dict[str, Any]) -> None:
             f"{v['lag_p99_ms']:.0f}",
         )
     console.print(st)
+    console.print(
+        "holds/healthz: the median holds/s at its best concurrency over the median /healthz/s at its best; "
+        "per run: the same ratio within each run at the holds' concurrency (the two load runs back to back). "
+        "On a shared VM their spread is the noise around the median."
+    )
     console.print(
         f"raw hold script ceiling (redis-benchmark EVALSHA, best of pipelined/unpipelined): "
         f"{s['script_ceiling_rps']:.0f}/s"
@@ -1012,7 +1040,7 @@ def _run(
     report["ceilings"] = [asdict(m) for m in ceilings]
     report["lag"] = lags
     report["audits"] = audits
-    report["summary"] = summarize(measures, ceilings, lags, audits, clients)
+    report["summary"] = summarize(measures, ceilings, lags, audits, clients, runs=all_measures)
     report["elapsed_seconds"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     render(report)

@@ -1,0 +1,81 @@
+"""The bench's report arithmetic (no load run here: ``boxoffice bench`` itself is run by hand, see RESULTS.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtests.bench import Measure, _median_measures, render, summarize
+
+
+def _m(route: str, clients: int, ok_rps: float, auto_pipeline: bool = True) -> Measure:
+    return Measure(
+        tool="wrk",
+        route=route,
+        auto_pipeline=auto_pipeline,
+        clients=clients,
+        requests=int(ok_rps * 5),
+        seconds=5.0,
+        rps=ok_rps,
+        ok_rps=ok_rps,
+        p50_ms=1.0,
+        p95_ms=2.0,
+        p99_ms=3.0,
+        max_ms=4.0,
+        cpu_us_per_request={"api": 50.0, "wrk": 20.0},
+    )
+
+
+def test_each_runs_ratio_pairs_the_holds_and_healthz_of_that_run_at_the_holds_best_concurrency():
+    runs = [
+        # run 1: a fast minute; run 2: a slow one, where healthz at 1,000 happened to be the best healthz
+        [
+            _m("healthz", 100, 20_000),
+            _m("holds", 100, 12_000),
+            _m("healthz", 1000, 19_000),
+            _m("holds", 1000, 9_000),
+        ],
+        [
+            _m("healthz", 100, 10_000),
+            _m("holds", 100, 7_000),
+            _m("healthz", 1000, 21_000),
+            _m("holds", 1000, 5_000),
+        ],
+        # run 3 lost its holds run at 100: no pair for it
+        [_m("healthz", 100, 15_000), _m("healthz", 1000, 15_000), _m("holds", 1000, 8_000)],
+        # the other mode's figures never pair with this one's
+        [_m("healthz", 100, 1_000, auto_pipeline=False), _m("holds", 100, 900, auto_pipeline=False)],
+    ]
+    measures = _median_measures(runs)
+    s = summarize(measures, [], {}, [], [100, 1000], runs=runs)
+    on = s["modes"]["on"]
+    assert on["holds_at_clients"] == 100  # median 9,500 at 100 against 8,000 at 1,000
+    assert on["holds_vs_healthz"] == pytest.approx(9_500 / 19_000)  # medians: holds @100, healthz @1000
+    assert on["holds_vs_healthz_per_run"] == pytest.approx([0.6, 0.7])  # within each run, at 100
+    assert s["modes"]["off"]["holds_vs_healthz_per_run"] == pytest.approx([0.9])
+
+
+def test_the_report_prints_the_ratio_of_each_run(capsys):
+    runs = [
+        [_m("healthz", 100, 20_000), _m("holds", 100, 12_000)],
+        [_m("healthz", 100, 10_000), _m("holds", 100, 7_000)],
+    ]
+    measures = _median_measures(runs)
+    report = {
+        "date": "2026-12-02T13:00:00+00:00",
+        "machine": {
+            "nproc": "2",
+            "cpu": "test",
+            "python": "3",
+            "wrk": "wrk",
+            "loadavg_at_start": (0.0, 0.0, 0.0),
+        },
+        "runs": 2,
+        "duration_seconds": 5.0,
+        "measures": [vars(m) for m in measures],
+        "ceilings": [],
+        "audits": [],
+        "summary": summarize(measures, [], {}, [], [100], runs=runs),
+    }
+    render(report)
+    out = capsys.readouterr().out
+    assert "60/70 %" in out
