@@ -59,8 +59,7 @@ def serve(
     """Serve the JSON API with uvicorn (several worker processes, one Redis pool each)."""
     import tempfile
 
-    import uvicorn
-
+    from service import serving
     from service.migrate import migrate
 
     settings = resolve_settings()
@@ -68,16 +67,11 @@ def serve(
         migrate(settings.database_url)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="boxoffice-metrics-")
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
+    serving.run(
+        settings,
         host=host or settings.host,
         port=port or settings.port,
         workers=workers or settings.web_workers,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        timeout_keep_alive=settings.keep_alive_seconds,
     )
 
 

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     keep_alive_seconds: int = 75
     """How long uvicorn keeps an idle client connection open. Longer than a load balancer's idle timeout
     (60 s on common ones), so the server never closes a connection the client is about to reuse."""
+    accept_descriptors: int = Field(default=32, ge=1, le=1024)
+    """Descriptors through which each API worker watches the listening socket: how many new connections one
+    event-loop iteration can accept (libuv takes one per descriptor; see service/serving.py)."""
     admin_token: str = "dev-admin-token"
     """Bearer token for the admin routes. Change it for anything but a laptop."""
     max_body_bytes: int = 65536

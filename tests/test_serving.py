@@ -1,0 +1,126 @@
+"""``boxoffice serve``: every worker watches the listening socket through BOXOFFICE_ACCEPT_DESCRIPTORS
+descriptors (see service/serving.py for why), and an unknown uvicorn supervisor falls back to uvicorn.run.
+
+How fast a storm of new connections is accepted is measured in loadtests/RESULTS.md, not asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loadtests.bench import REPO, boxoffice, free_port, process_tree, stop_process, wait_ready
+
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
+
+
+def listening_inode(port: int) -> str:
+    """The inode of the socket listening on loopback ``port`` (/proc/net/tcp, state 0A = LISTEN)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1].endswith(f":{port:04X}") and f[3] == "0A":
+            return f[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def descriptors_by_process(root: int, inode: str) -> dict[int, int]:
+    """pid -> how many of its descriptors are the socket ``inode``, for ``root`` and its descendants."""
+    out = {}
+    for pid in process_tree(root):
+        try:
+            n = sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if _link(pid, fd) == f"socket:[{inode}]")
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        if n:
+            out[pid] = n
+    return out
+
+
+def _link(pid: int, fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def _env(settings, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "BOXOFFICE_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def _new_connections_answer(base: str, n: int = 20) -> None:
+    for _ in range(n):  # a client per request: every request comes on a connection accepted anew
+        with httpx.Client() as c:
+            assert c.get(f"{base}/healthz", headers={"Connection": "close"}).status_code == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_worker_watches_the_listening_socket_through_its_accept_descriptors(settings, tmp_path, workers):
+    port = free_port()
+    api = boxoffice(
+        "serve",
+        "--workers",
+        str(workers),
+        "--port",
+        str(port),
+        "--no-migrate",
+        env=_env(settings, BOXOFFICE_ACCEPT_DESCRIPTORS="5"),
+        log_path=tmp_path / "serve.log",
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, api)
+        held = descriptors_by_process(api.pid, listening_inode(port))
+        # one socket, five descriptors in each worker (and in the supervisor that bound it, with 2 workers)
+        assert sorted(held.values()) == [5] * (workers + (workers > 1)), held
+        _new_connections_answer(base)
+    finally:
+        stop_process(api)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_a_uvicorn_whose_supervisor_takes_other_arguments_serves_through_uvicorn_run(settings, tmp_path):
+    """uvicorn's Multiprocess is not a public API: if its arguments change, serve still serves (one descriptor
+    a worker, as plain uvicorn.run does) and says so."""
+    script = (
+        "import sys, uvicorn.supervisors\n"
+        "class Supervisor:  # an older uvicorn's signature\n"
+        "    def __init__(self, config, target, sockets):\n"
+        "        raise AssertionError('never built')\n"
+        "uvicorn.supervisors.Multiprocess = Supervisor\n"
+        "from service.cli import app\n"
+        "sys.argv = ['boxoffice', *sys.argv[1:]]\n"
+        "app()\n"
+    )
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-c", script, "serve", "--workers", "2", "--port", str(port), "--no-migrate"],
+            env=_env(settings),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, api)
+        held = descriptors_by_process(api.pid, listening_inode(port))
+        assert sorted(held.values()) == [1, 1, 1], held
+        _new_connections_answer(base, 5)
+    finally:
+        stop_process(api)
+    assert "one accept descriptor a worker" in log_path.read_text()
