@@ -6,12 +6,13 @@ since libuv 1.45 (https://github.com/libuv/libuv/pull/3696; the same change slow
 https://github.com/nodejs/performance/issues/95). A worker busy serving requests runs few iterations a second,
 so it took in only some 50-100 new connections a second. When 1,000 clients connected at once to a loaded
 server, the last ones waited seconds in the kernel's accept queue before their first request was even read:
-``GET /healthz`` p99 2.7-2.9 s, with 450-660 connections still queued after 0.3 s (loadtests/RESULTS.md). A
+``GET /healthz`` p99 1.2-2.9 s, with 660 of them still queued 0.3 s into the run and 446 at 2 s
+(loadtests/RESULTS.md; 0.11-0.13 s and an empty queue at 0.3 s with 32 descriptors). A
 flash sale is exactly that: every buyer connects within seconds. Each descriptor (a ``dup`` of the one
 socket) is a libuv handle of its own, so one iteration accepts up to ``accept_descriptors`` connections.
 
-A descriptor costs nothing while no connection waits. A new connection costs up to 2 x ``accept_descriptors``
-``accept`` calls that find nothing (one per descriptor of each worker woken); 10,000 new connections a
+A descriptor costs nothing while no connection waits. A new connection costs up to workers x ``accept_descriptors``
+``accept`` calls that find nothing (each woken worker tries each descriptor once); 10,000 new connections a
 second (``Connection: close``) ran as fast with 16 or 64 descriptors as with one.
 
 uvicorn has no option for this, so ``run`` does what ``uvicorn.run`` does for a port (bind the socket, then
