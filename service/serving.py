@@ -46,7 +46,12 @@ def uvicorn_options(settings: Settings, *, host: str, port: int, workers: int) -
 
 
 def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
-    """Serve the API until SIGINT / SIGTERM. Raises SystemExit as uvicorn does (port in use, startup failure)."""
+    """Serve the API until SIGINT / SIGTERM, then return (as ``uvicorn.run`` does, a Ctrl-C is not an error).
+
+    Raises SystemExit as uvicorn does: port in use, a worker that fails at start-up. As with ``uvicorn.run``
+    for several workers, the socket is bound before the app starts (so uvicorn's "running on" line comes
+    first), and ``--host ::`` listens on IPv4 too.
+    """
     import uvicorn
 
     options = uvicorn_options(settings, host=host, port=port, workers=workers)
@@ -56,18 +61,20 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         if workers == 1:
             uvicorn.Server(config).run(sockets=sockets)
             return
-        from uvicorn.supervisors import Multiprocess
-
         try:
+            from uvicorn.supervisors import Multiprocess
+
             supervisor = Multiprocess(config, sockets=sockets)
-        except TypeError as exc:  # another uvicorn's supervisor: serve its own way, one descriptor
-            log.warning(
-                "uvicorn's supervisor takes other arguments (%s): one accept descriptor a worker", exc
-            )
+        except (ImportError, TypeError) as exc:  # another uvicorn: serve its own way, one descriptor
+            log.warning("uvicorn's supervisor is not as expected (%s): one accept descriptor a worker", exc)
             close_all(sockets)
             uvicorn.run(APP, **options)
             return
         supervisor.run()
+    except (
+        KeyboardInterrupt
+    ):  # uvicorn raises the SIGINT again once it has shut down; uvicorn.run swallows it
+        pass
     finally:
         close_all(sockets)
 

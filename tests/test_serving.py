@@ -7,6 +7,7 @@ How fast a storm of new connections is accepted is measured in loadtests/RESULTS
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,12 @@ pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="read
 
 
 def listening_inode(port: int) -> str:
-    """The inode of the socket listening on loopback ``port`` (/proc/net/tcp, state 0A = LISTEN)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[1].endswith(f":{port:04X}") and f[3] == "0A":
-            return f[9]
+    """The inode of the socket listening on ``port`` (/proc/net/tcp and tcp6, state 0A = LISTEN)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:] if Path(table).exists() else []:
+            f = line.split()
+            if f[1].endswith(f":{port:04X}") and f[3] == "0A":
+                return f[9]
     raise AssertionError(f"nothing listens on port {port}")
 
 
@@ -54,6 +56,7 @@ def _env(settings, **extra: str) -> dict[str, str]:
         "REDIS_URL": settings.redis_url,
         "DATABASE_URL": settings.database_url,
         "BOXOFFICE_LOG_LEVEL": "WARNING",
+        "BOXOFFICE_HOST": "127.0.0.1",  # the tests connect there
         **extra,
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -124,3 +127,25 @@ def test_a_uvicorn_whose_supervisor_takes_other_arguments_serves_through_uvicorn
     finally:
         stop_process(api)
     assert "one accept descriptor a worker" in log_path.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_serve_with_exit_code_0(settings, tmp_path, workers):
+    """As with uvicorn.run: uvicorn raises the SIGINT again after its shutdown, which is not an error."""
+    port = free_port()
+    api = boxoffice(
+        "serve",
+        "--workers",
+        str(workers),
+        "--port",
+        str(port),
+        "--no-migrate",
+        env=_env(settings),
+        log_path=tmp_path / "serve.log",
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", api)
+        os.killpg(api.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+        assert api.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        stop_process(api)
