@@ -800,7 +800,7 @@ def render(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = Console(width=None if sys.stdout.isatty() else 170)
     m = report["machine"]
     console.print(
         f"[bold]boxoffice bench[/bold] {report['date']}  nproc {m['nproc']}, {m['cpu']}, Python "
@@ -896,8 +896,8 @@ def render(report: dict[str, Any]) -> None:
     console.print(st)
     console.print(
         "holds/healthz: the median holds/s at its best concurrency over the median /healthz/s at its best; "
-        "per run: the same ratio within each run at the holds' concurrency (the two load runs back to back). "
-        "On a shared VM their spread is the noise around the median."
+        "per run: holds/s over /healthz/s within each run, both at the holds' best concurrency (the two load "
+        "runs back to back). On a shared VM their spread shows how far one run's ratio can move."
     )
     console.print(
         f"raw hold script ceiling (redis-benchmark EVALSHA, best of pipelined/unpipelined): "
