@@ -69,8 +69,8 @@ def _new_connections_answer(base: str, n: int = 20) -> None:
             assert c.get(f"{base}/healthz", headers={"Connection": "close"}).status_code == 200
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_each_worker_watches_the_listening_socket_through_its_accept_descriptors(settings, tmp_path, workers):
+def _serve(settings, tmp_path: Path, workers: int, **env: str) -> tuple[subprocess.Popen, int]:
+    """``boxoffice serve --workers N`` on a free port, in its own process group: (process, port)."""
     port = free_port()
     api = boxoffice(
         "serve",
@@ -79,9 +79,15 @@ def test_each_worker_watches_the_listening_socket_through_its_accept_descriptors
         "--port",
         str(port),
         "--no-migrate",
-        env=_env(settings, BOXOFFICE_ACCEPT_DESCRIPTORS="5"),
+        env=_env(settings, **env),
         log_path=tmp_path / "serve.log",
     )
+    return api, port
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_worker_watches_the_listening_socket_through_its_accept_descriptors(settings, tmp_path, workers):
+    api, port = _serve(settings, tmp_path, workers, BOXOFFICE_ACCEPT_DESCRIPTORS="5")
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, api)
@@ -132,17 +138,7 @@ def test_a_uvicorn_whose_supervisor_takes_other_arguments_serves_through_uvicorn
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_stops_serve_with_exit_code_0(settings, tmp_path, workers):
     """As with uvicorn.run: uvicorn raises the SIGINT again after its shutdown, which is not an error."""
-    port = free_port()
-    api = boxoffice(
-        "serve",
-        "--workers",
-        str(workers),
-        "--port",
-        str(port),
-        "--no-migrate",
-        env=_env(settings),
-        log_path=tmp_path / "serve.log",
-    )
+    api, port = _serve(settings, tmp_path, workers)
     try:
         wait_ready(f"http://127.0.0.1:{port}", api)
         os.killpg(api.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
