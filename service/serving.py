@@ -11,9 +11,9 @@ server, the last ones waited seconds in the kernel's accept queue before their f
 flash sale is exactly that: every buyer connects within seconds. Each descriptor (a ``dup`` of the one
 socket) is a libuv handle of its own, so one iteration accepts up to ``accept_descriptors`` connections.
 
-A descriptor costs nothing while no connection waits. A new connection costs up to workers x ``accept_descriptors``
-``accept`` calls that find nothing (each woken worker tries each descriptor once); 10,000 new connections a
-second (``Connection: close``) ran as fast with 16 or 64 descriptors as with one.
+A descriptor costs nothing while no connection waits. A new connection costs up to workers x
+``accept_descriptors`` ``accept`` calls that find nothing (each woken worker tries each descriptor once);
+10,000 new connections a second (``Connection: close``) ran as fast with 16 or 64 descriptors as with one.
 
 uvicorn has no option for this, so ``run`` does what ``uvicorn.run`` does for a port (bind the socket, then
 ``uvicorn.supervisors.Multiprocess`` for several workers, ``Server.run`` for one) with the extra descriptors.
@@ -71,10 +71,8 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
             uvicorn.run(APP, **options)
             return
         supervisor.run()
-    except (
-        KeyboardInterrupt
-    ):  # uvicorn raises the SIGINT again once it has shut down; uvicorn.run swallows it
-        pass
+    except KeyboardInterrupt:
+        pass  # uvicorn raises the SIGINT again once it has shut down; uvicorn.run swallows it too
     finally:
         close_all(sockets)
 
