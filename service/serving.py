@@ -17,7 +17,8 @@ A descriptor costs nothing while no connection waits. A new connection costs up 
 
 uvicorn has no option for this, so ``run`` does what ``uvicorn.run`` does for a port (bind the socket, then
 ``uvicorn.supervisors.Multiprocess`` for several workers, ``Server.run`` for one) with the extra descriptors.
-If the installed uvicorn's supervisor takes other arguments, it logs so and serves through ``uvicorn.run``.
+If the installed uvicorn has no such supervisor, or one that takes other arguments (its signature changed in
+2026), it logs so and serves through ``uvicorn.run``.
 """
 
 from __future__ import annotations
