@@ -30,6 +30,7 @@ from service.settings import Settings
 
 log = logging.getLogger("boxoffice.serving")
 APP = "service.app:create_app"
+COALESCING_PROTOCOL = "service.coalesce:CoalescingHTTPProtocol"
 
 
 def uvicorn_options(settings: Settings, *, host: str, port: int, workers: int) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def uvicorn_options(settings: Settings, *, host: str, port: int, workers: int) -
         "access_log": False,
         "timeout_graceful_shutdown": 10,
         "timeout_keep_alive": settings.keep_alive_seconds,
+        "http": COALESCING_PROTOCOL if settings.coalesce_writes else "auto",
     }
 
 

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     accept_descriptors: int = Field(default=32, ge=1, le=1024)
     """Descriptors through which each API worker watches the listening socket: how many new connections one
     event-loop iteration can accept (libuv takes one per descriptor; see service/serving.py)."""
+    coalesce_writes: bool = True
+    """Each connection's response bytes of one event-loop iteration leave in one write, at the start of the
+    next iteration (service/coalesce.py). Off: uvicorn writes each response's head and body at once."""
     admin_token: str = "dev-admin-token"
     """Bearer token for the admin routes. Change it for anything but a laptop."""
     max_body_bytes: int = 65536

@@ -1,5 +1,6 @@
 """``boxoffice serve``: every worker watches the listening socket through BOXOFFICE_ACCEPT_DESCRIPTORS
-descriptors (see service/serving.py for why), and an unknown uvicorn supervisor falls back to uvicorn.run.
+descriptors (see service/serving.py for why), an unknown uvicorn supervisor falls back to uvicorn.run, and
+responses coalesced per event-loop iteration (service/coalesce.py) still arrive whole and in order.
 
 How fast a storm of new connections is accepted is measured in loadtests/RESULTS.md, not asserted here.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +147,35 @@ def test_ctrl_c_stops_serve_with_exit_code_0(settings, tmp_path, workers):
         assert api.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()[-2000:]
     finally:
         stop_process(api)
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("coalesce", ["true", "false"])
+def test_serve_answers_pipelined_requests_in_order_and_the_last_before_closing(settings, tmp_path, coalesce):
+    """Through ``boxoffice serve``: three requests in one packet on one connection, the last with
+    ``Connection: close``. Every response arrives, in order, complete, and then the connection closes."""
+    api, port = _serve(settings, tmp_path, 1, BOXOFFICE_COALESCE_WRITES=coalesce)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", api)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Request-Id: first\r\n\r\n"
+                b"GET /no-such-route HTTP/1.1\r\nHost: t\r\nX-Request-Id: second\r\n\r\n"
+                b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Request-Id: third\r\nConnection: close\r\n\r\n"
+            )
+            data = _read_until_closed(sock)
+    finally:
+        stop_process(api)
+    responses = data.split(b"HTTP/1.1 ")[1:]
+    assert [r[:3] for r in responses] == [b"200", b"404", b"200"], data
+    for response, rid in zip(responses, (b"first", b"second", b"third"), strict=True):
+        assert b"x-request-id: " + rid in response
+    assert responses[0].endswith(b'{"status":"ok"}') and responses[2].endswith(b'{"status":"ok"}')
+    assert b'"code":"not_found"' in responses[1]
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
