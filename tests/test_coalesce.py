@@ -16,7 +16,7 @@ from uvicorn import Config
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.server import ServerState
 
-from service.coalesce import CoalescingHTTPProtocol, _CoalescingTransport
+from service.coalesce import MAX_KEPT_BYTES, CoalescingHTTPProtocol, _CoalescingTransport
 from service.serving import COALESCING_PROTOCOL, uvicorn_options
 from service.settings import Settings
 
@@ -28,8 +28,11 @@ class RecordingTransport(asyncio.Transport):
         super().__init__()
         self.calls: list[tuple[Any, ...]] = []
         self.closing = False
+        self.lost = False  # as uvloop after connection_lost: writes raise RuntimeError
 
     def write(self, data: bytes) -> None:
+        if self.lost:
+            raise RuntimeError("unable to perform operation; the handler is closed")
         assert not self.closing, "written after close"
         self.calls.append(("write", bytes(data)))
 
@@ -96,14 +99,53 @@ async def test_close_writes_what_is_kept_first_and_abort_drops_it():
     assert b.calls == [("abort",)]
 
 
-async def test_bytes_kept_for_a_connection_lost_meanwhile_are_dropped():
+async def test_a_lost_connection_drops_its_bytes_and_a_failed_write_aborts_only_its_own():
+    loop = asyncio.get_running_loop()
+    failures: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    lost, broken, fine = RecordingTransport(), RecordingTransport(), RecordingTransport()
+    t_lost, t_broken, t_fine = (_CoalescingTransport(t, loop) for t in (lost, broken, fine))
+    t_lost.write(b"to a client that went away")
+    t_broken.write(b"to a connection whose write fails")
+    t_fine.write(b"to a client still there")
+    lost.lost = lost.closing = True  # the peer went away before the flush
+    broken.write = lambda data: (_ for _ in ()).throw(OSError("EPIPE"))  # type: ignore[method-assign]
+    try:
+        await next_iteration()
+    finally:
+        loop.set_exception_handler(None)
+    assert lost.calls == []  # dropped quietly: nobody is there to read it
+    assert broken.calls == [("abort",)] and isinstance(failures[0]["exception"], OSError)
+    assert len(failures) == 1
+    assert fine.writes() == [b"to a client still there"]
+
+
+async def test_write_takes_only_bytes_like_data_and_copies_it():
     loop = asyncio.get_running_loop()
     a = RecordingTransport()
     ta = _CoalescingTransport(a, loop)
-    ta.write(b"response")
-    a.closing = True  # the peer went away before the flush
+    with pytest.raises(TypeError):
+        ta.write("a str body")  # type: ignore[arg-type]  # raised in the caller, as by the transport
+    buffer = bytearray(b"AAAA")
+    ta.write(buffer)
+    buffer[:] = b"BBBB"  # a caller reusing its buffer
+    ta.write(memoryview(buffer))
     await next_iteration()
+    assert a.writes() == [b"AAAABBBB"]
+
+
+async def test_a_large_body_goes_to_the_transport_at_once_so_flow_control_still_works():
+    loop = asyncio.get_running_loop()
+    a = RecordingTransport()
+    ta = _CoalescingTransport(a, loop)
+    chunk = b"x" * (MAX_KEPT_BYTES // 2)
+    ta.write(chunk)
     assert a.writes() == []
+    ta.write(chunk)  # MAX_KEPT_BYTES kept: written now, within the iteration, where the transport can pause
+    assert a.writes() == [chunk + chunk]
+    ta.write(b"tail")
+    await next_iteration()
+    assert a.writes() == [chunk + chunk, b"tail"]
 
 
 def _protocol(cls: type, app) -> tuple[asyncio.Protocol, RecordingTransport]:
@@ -130,6 +172,26 @@ async def test_a_response_is_one_write_with_coalescing_and_two_without(cls, writ
     assert len(writes) == writes_per_response, writes
     response = b"".join(writes)
     assert response.startswith(b"HTTP/1.1 201 ") and response.endswith(b'{"hold_id":"h_1","status":"active"}')
+    protocol.connection_lost(None)
+
+
+async def test_a_client_that_half_closes_still_gets_its_answer():
+    """A client may send its request and then shut down its side (EOF). uvicorn answers None to
+    ``eof_received``, and uvloop then closes the transport: bytes kept past that would be lost."""
+
+    async def ok(scope, receive, send) -> None:
+        await JSONResponse({"status": "ok"})(scope, receive, send)
+
+    protocol, transport = _protocol(CoalescingHTTPProtocol, ok)
+    protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    for _ in range(3):  # the app runs and writes; the flush is due at the start of the next iteration
+        await asyncio.sleep(0)
+        if transport.calls or protocol.transport._kept:
+            break
+    assert protocol.eof_received() is None
+    transport.lost = transport.closing = True  # what uvloop does on that None
+    await next_iteration()
+    assert b"".join(transport.writes()).endswith(b'{"status":"ok"}')
     protocol.connection_lost(None)
 
 

@@ -157,9 +157,10 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.parametrize("coalesce", ["true", "false"])
-def test_serve_answers_pipelined_requests_in_order_and_the_last_before_closing(settings, tmp_path, coalesce):
+def test_serve_answers_pipelined_and_half_closed_clients_whole(settings, tmp_path, coalesce):
     """Through ``boxoffice serve``: three requests in one packet on one connection, the last with
-    ``Connection: close``. Every response arrives, in order, complete, and then the connection closes."""
+    ``Connection: close``. Every response arrives, in order, complete, and then the connection closes. Then
+    clients that shut their side after the request (EOF) each get their whole answer."""
     api, port = _serve(settings, tmp_path, 1, BOXOFFICE_COALESCE_WRITES=coalesce)
     try:
         wait_ready(f"http://127.0.0.1:{port}", api)
@@ -170,8 +171,17 @@ def test_serve_answers_pipelined_requests_in_order_and_the_last_before_closing(s
                 b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Request-Id: third\r\nConnection: close\r\n\r\n"
             )
             data = _read_until_closed(sock)
+        half_closed = []
+        for i in range(30):  # a client that sends its request, then shuts its side (EOF)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Request-Id: half-{i}\r\n\r\n".encode())
+                sock.shutdown(socket.SHUT_WR)
+                half_closed.append(_read_until_closed(sock))
     finally:
         stop_process(api)
+    assert all(r.startswith(b"HTTP/1.1 200 ") and r.endswith(b'{"status":"ok"}') for r in half_closed), [
+        r[:40] for r in half_closed
+    ]
     responses = data.split(b"HTTP/1.1 ")[1:]
     assert [r[:3] for r in responses] == [b"200", b"404", b"200"], data
     for response, rid in zip(responses, (b"first", b"second", b"third"), strict=True):
