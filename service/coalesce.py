@@ -25,10 +25,10 @@ What is kept, and when it leaves:
   as the transport would.
 * ``close`` and ``write_eof`` write what is kept first. ``abort`` drops it, as it drops the transport's
   own buffer.
-* A client that half-closes (sends EOF after its request) gets what uvicorn gets it. uvicorn answers
-  ``eof_received`` with None, so uvloop closes the transport at once. ``eof_received`` therefore writes what
-  is kept first, and a write to a transport that is closing goes straight through. Once the connection is
-  lost, uvloop refuses writes (``RuntimeError``), and what is kept is dropped.
+* A client that half-closes (sends EOF after its request) gets what uvicorn's own protocol sends it.
+  uvicorn answers ``eof_received`` with None, so uvloop closes the transport at once. ``eof_received``
+  therefore writes what is kept first, and a write to a transport that is closing goes straight through.
+  Once the connection is lost, uvloop refuses writes (``RuntimeError``), and what is kept is dropped.
 * A connection whose write fails at the start of the next iteration is aborted and the failure goes to the
   loop's exception handler; the other connections are written all the same.
 * Limit: a loop closed while a flush is still scheduled (``run_until_complete``, then ``close``) stays in
