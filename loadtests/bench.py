@@ -677,7 +677,16 @@ def _cpu_text(cpu: dict[str, float]) -> str:
     return ", ".join(parts) + f"; total {sum(cpu.values()):.0f}"
 
 
-def machine() -> dict[str, str]:
+def python_gauge_us(repeat: int = 5, number: int = 2000) -> float:
+    """The machine's pure-Python speed: microseconds for one ``sum(range(1000))``, best of ``repeat`` timings of
+    ``number`` calls (~0.1-0.3 s in all). VMs of one kind differ by 2-3x here, and a no-work request is mostly
+    such Python, so its ceiling moves with the gauge more than a hold does (loadtests/RESULTS.md, bench S)."""
+    import timeit
+
+    return min(timeit.repeat("sum(range(1000))", number=number, repeat=repeat)) / number * 1e6
+
+
+def machine() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -693,6 +702,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "wrk": wrk_version.split("Copyright")[0].strip(),
+        "python_gauge_us": round(python_gauge_us(), 2),
     }
 
 
@@ -811,6 +821,10 @@ def render(report: dict[str, Any]) -> None:
         f"load generator on this machine; load average at start "
         f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])}"
     )
+    if "python_gauge_us" in m:  # absent from reports saved before it was measured
+        console.print(
+            f"Python speed gauge: sum(range(1000)) in {m['python_gauge_us']:.1f} us (best of 5, timeit)"
+        )
     t = Table(title="Per route (HTTP: wrk, 2 threads; API: boxoffice serve --workers 2)")
     for col in (
         "route",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.bench import Measure, _median_measures, render, summarize
+from loadtests.bench import Measure, _median_measures, python_gauge_us, render, summarize
 
 
 def _m(route: str, clients: int, ok_rps: float, auto_pipeline: bool = True) -> Measure:
@@ -68,6 +68,7 @@ def test_the_report_prints_the_ratio_of_each_run(capsys):
             "python": "3",
             "wrk": "wrk",
             "loadavg_at_start": (0.0, 0.0, 0.0),
+            "python_gauge_us": 27.19,
         },
         "runs": 2,
         "duration_seconds": 5.0,
@@ -79,3 +80,9 @@ def test_the_report_prints_the_ratio_of_each_run(capsys):
     render(report)
     out = capsys.readouterr().out
     assert "60/70 %" in out
+    assert "sum(range(1000)) in 27.2 us" in out
+
+
+def test_the_python_gauge_is_in_microseconds():
+    # microseconds: a thousand additions take more than 0.5 us and less than 10 ms on any machine that runs this
+    assert 0.5 < python_gauge_us(repeat=1, number=10) < 10_000
