@@ -23,7 +23,8 @@ Every event is new (``bench-...``), so one run never reaps another's holds; the 
 and are reaped right after it, outside the timing. The worker's reconciliation cron job is set to once an
 hour so it does not land inside a load run. CPU time per request of each process group (API, Redis, worker,
 PostgreSQL backends, wrk) is read from /proc around each run. Tools are named in the
-output next to each figure; the report starts with the machine (CPU, versions) and a Python speed gauge. ``wrk`` is required (Debian: ``apt-get install -y wrk``).
+output next to each figure; the report starts with the machine (CPU, versions) and a Python speed gauge.
+``wrk`` is required (Debian: ``apt-get install -y wrk``).
 """
 
 from __future__ import annotations
