@@ -6,6 +6,7 @@ fail here with a cross-slot / non-local-key error, because the slots are spread 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
@@ -156,6 +157,27 @@ async def test_a_whole_sale_on_redis_cluster(cluster_url, auto_pipeline):
         assert await inv.reap(eid) == 0
         assert await inv.find_order(eid, order["order_id"]) is not None
     assert set(events) <= set(await inv.event_ids())
+
+    # Many calls in one event-loop tick, to events on every node: holds (batched per event), confirms,
+    # releases, reads and reaps side by side, as a busy API process and the sweeper make them.
+    async def one_sale(eid: str, n: int) -> None:
+        req = HoldRequest.model_validate(
+            {"customer_id": f"t{n}", "items": [{"zone_id": "ga", "quantity": 1}]}
+        )
+        hold, _ = await inv.hold(eid, req)
+        if n % 2:
+            await inv.confirm(eid, hold["hold_id"], "pi")
+        else:
+            await inv.release(eid, hold["hold_id"])
+
+    await asyncio.gather(*(one_sale(eid, n) for eid in events for n in range(3)))
+    reads = await asyncio.gather(
+        *(inv.availability(eid) for eid in events), *(inv.reap(eid) for eid in events)
+    )
+    for zones in reads[: len(events)]:
+        ga = next(z for z in zones["zones"] if z["zone_id"] == "ga")
+        assert (ga["sold"], ga["held"], ga["available"]) == (3, 0, 2)
     for eid in events:
         await inv.unload_event(eid)
+    inv.close()
     await client.aclose()
