@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from service import keys
 from service.inventory import Inventory
 from service.settings import Settings
+from service.slots import SlotClients
 
 POLL_SECONDS = 0.1
 
@@ -301,11 +302,15 @@ async def audit_event(
 
     # Snapshot: Redis
     zone_ids = [z["zone_id"] for z in (await inventory.availability(event_id))["zones"]]
-    async with redis.pipeline(transaction=True) as pipe:  # one slot: a consistent snapshot
-        for z in zone_ids:
-            pipe.hgetall(keys.zone(event_id, z))
-            pipe.hgetall(keys.owners(event_id, z))
-        raw = await pipe.execute()
+    slots = SlotClients(redis)  # one slot, one MULTI: a consistent snapshot (on a cluster, on its node)
+    try:
+        async with (await slots.for_key(keys.meta(event_id))).pipeline(transaction=True) as pipe:
+            for z in zone_ids:
+                pipe.hgetall(keys.zone(event_id, z))
+                pipe.hgetall(keys.owners(event_id, z))
+            raw = await pipe.execute()
+    finally:
+        await slots.aclose()
     redis_zones = {z: {_s(k): _s(v) for k, v in raw[2 * i].items()} for i, z in enumerate(zone_ids)}
     redis_owners = {z: {_s(k): _s(v) for k, v in raw[2 * i + 1].items()} for i, z in enumerate(zone_ids)}
 

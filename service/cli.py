@@ -78,9 +78,15 @@ def serve(
 @app.command()
 def worker() -> None:
     """Run an arq worker: outbox write-through to PostgreSQL, the expiry sweeper, and the reconcile cron job."""
-    from workers.main import run_worker
+    from workers.main import queue_redis_url, run_worker
 
-    run_worker(resolve_settings())
+    settings = resolve_settings()
+    try:
+        queue_redis_url(settings)
+    except RuntimeError as exc:
+        typer.echo(f"boxoffice worker: {exc}", err=True)
+        _exit(2)
+    run_worker(settings)
 
 
 @app.command()

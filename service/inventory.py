@@ -18,6 +18,7 @@ from service.domain import EVENT_ON_SALE, HOLD_ACTIVE, EventSpec, HoldRequest
 from service.errors import DomainError
 from service.scripts import ScriptRunner
 from service.settings import Settings
+from service.slots import SlotClients
 
 SEAT_LOAD_CHUNK = 10_000
 
@@ -208,9 +209,9 @@ class Inventory:
         sold_seats: dict[str, dict[str, str]] | None = None,
         customers: dict[str, int] | None = None,
     ) -> None:
-        """Write an event's catalog into Redis: zones, seat maps, then meta. One MULTI on a single server (all keys
-        share a slot); on Redis Cluster, whose redis-py pipeline has no MULTI, a plain pipeline in the same order:
-        every script checks meta first, so an event is invisible until its last write lands.
+        """Write an event's catalog into Redis: zones, seat maps, then meta, in one MULTI (all keys share a slot;
+        on a Redis Cluster it goes to the node that owns it, ``service/slots.py``). Every script checks meta
+        first, so an event is invisible until its last write lands.
 
         ``sold`` (zone -> tickets), ``sold_seats`` (zone -> {seat: order_id}) and ``customers`` (customer ->
         tickets bought) restore what PostgreSQL says was sold (rebuild). Pipelined in chunks of 10,000 seats: a 100,000-seat event is a few round trips.
@@ -218,7 +219,25 @@ class Inventory:
         sold = sold or {}
         sold_seats = sold_seats or {}
         eid = spec.event_id
-        async with self.client.pipeline(transaction=not self.settings.redis_cluster) as pipe:
+        slots = SlotClients(self.client)
+        try:
+            node = await slots.for_key(keys.meta(eid))
+            await self._load(node, spec, status, sold, sold_seats, customers)
+        finally:
+            await slots.aclose()
+        await self.client.sadd(keys.EVENTS_KEY, eid)
+
+    @staticmethod
+    async def _load(
+        node: aioredis.Redis,
+        spec: EventSpec,
+        status: str,
+        sold: dict[str, int],
+        sold_seats: dict[str, dict[str, str]],
+        customers: dict[str, int] | None,
+    ) -> None:
+        eid = spec.event_id
+        async with node.pipeline(transaction=True) as pipe:
             pipe.delete(keys.meta(eid))
             for z in spec.zones:
                 n_sold = sold.get(z.zone_id, 0)
@@ -259,14 +278,18 @@ class Inventory:
                 },
             )
             await pipe.execute()
-        await self.client.sadd(keys.EVENTS_KEY, eid)
 
     async def unload_event(self, event_id: str) -> None:
-        """Delete every key of an event (SCAN over its hash tag)."""
-        async for key in self.client.scan_iter(
-            match=keys.prefix(event_id).replace("{", "\\{").replace("}", "\\}") + "*", count=1000
-        ):
-            await self.client.delete(key)
+        """Delete every key of an event (SCAN over its hash tag, on the node that owns it on a Redis Cluster)."""
+        slots = SlotClients(self.client)
+        try:
+            node = await slots.for_key(keys.meta(event_id))
+            async for key in node.scan_iter(
+                match=keys.prefix(event_id).replace("{", "\\{").replace("}", "\\}") + "*", count=1000
+            ):
+                await node.delete(key)
+        finally:
+            await slots.aclose()
         await self.client.srem(keys.EVENTS_KEY, event_id)
 
     async def set_status(self, event_id: str, status: str) -> None:

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # Redis client
     redis_cluster: bool = False
     """REDIS_URL names a Redis Cluster node: use redis-py's cluster client (each script touches one slot)."""
+    queue_redis_url: str | None = None
+    """Redis for arq's job queue and cron lock (``boxoffice worker``); unset: ``REDIS_URL``. arq needs one
+    Redis server, not a cluster (its MULTIs span many slots: python-arq/arq#385), so with ``redis_cluster``
+    it must be set, to any small Redis of its own."""
     redis_max_connections: int = 64
     """Connection pool size per process (one pool per process, shared by all requests)."""
     redis_socket_timeout_seconds: float = 5.0

@@ -73,6 +73,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await asyncio.wait_for(ctx["pg"].close(), 5)
     except TimeoutError:
         ctx["pg"].terminate()
+    await ctx["outbox"].aclose()
     ctx["inventory"].close()
     await ctx["redis_client"].aclose()
     log.info("worker stopped")
@@ -168,14 +169,29 @@ class WorkerSettings:
     keep_result = 60
 
 
+def queue_redis_url(settings: Settings) -> str:
+    """Where arq keeps its job queue and cron lock: ``queue_redis_url``, else ``redis_url``. Raises
+    RuntimeError for a Redis Cluster without ``queue_redis_url`` (arq needs a single server)."""
+    if settings.queue_redis_url:
+        return settings.queue_redis_url
+    if settings.redis_cluster:
+        raise RuntimeError(
+            "BOXOFFICE_REDIS_CLUSTER is set: set BOXOFFICE_QUEUE_REDIS_URL to a single Redis server for arq's "
+            "job queue (arq has no Redis Cluster support: https://github.com/python-arq/arq/issues/385)"
+        )
+    assert settings.redis_url
+    return settings.redis_url
+
+
 def run_worker(settings: Settings) -> None:
-    """Run the worker until SIGINT / SIGTERM (blocking). Both URLs must be set in ``settings``."""
+    """Run the worker until SIGINT / SIGTERM (blocking). Both URLs must be set in ``settings``; on a Redis
+    Cluster, ``queue_redis_url`` too (``queue_redis_url``). Raises RuntimeError when one is missing."""
     configure_logging(settings.log_level)
     if not settings.redis_url or not settings.database_url:
         raise RuntimeError("REDIS_URL and DATABASE_URL must be set")
     arq_run_worker(
         WorkerSettings,
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        redis_settings=RedisSettings.from_dsn(queue_redis_url(settings)),
         ctx={"settings": settings},
         cron_jobs=schedule(settings),
     )

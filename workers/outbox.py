@@ -37,6 +37,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from service import keys, metrics
 from service.settings import Settings
+from service.slots import SlotClients
 
 log = logging.getLogger("boxoffice.outbox")
 
@@ -397,6 +398,7 @@ class OutboxConsumer:
 
     def __init__(self, redis: aioredis.Redis, pg: asyncpg.Pool, settings: Settings, name: str | None = None):
         self.redis = redis
+        self.slots = SlotClients(redis)
         self.pg = pg
         self.settings = settings
         self.name = name or consumer_name()
@@ -427,6 +429,10 @@ class OutboxConsumer:
     def wake(self) -> None:
         """Cut the idle sleep short (e.g. right after a confirm)."""
         self._wake.set()
+
+    async def aclose(self) -> None:
+        """Close the per-node clients of a Redis Cluster (not ``redis`` nor ``pg``, which the caller owns)."""
+        await self.slots.aclose()
 
     async def _ensure_groups(self, event_ids: list[str]) -> None:
         todo = [e for e in event_ids if e not in self._grouped]
@@ -530,10 +536,12 @@ class OutboxConsumer:
         return batch, backlog_full
 
     async def _ack(self, ids_by_event: dict[str, list[str]]) -> None:
-        """XACK then XDEL, in one MULTI per event. Called only after the PostgreSQL commit."""
+        """XACK then XDEL, in one MULTI per event (on a Redis Cluster, sent to the node that owns the
+        event's slot: ``service/slots.py``). Called only after the PostgreSQL commit."""
 
         async def ack(event_id: str, ids: list[str]) -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            client = await self.slots.for_key(keys.outbox(event_id))
+            async with client.pipeline(transaction=True) as pipe:
                 pipe.xack(keys.outbox(event_id), GROUP, *ids)
                 pipe.xdel(keys.outbox(event_id), *ids)
                 await pipe.execute()

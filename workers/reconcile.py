@@ -70,6 +70,7 @@ from service.domain import EVENT_ON_SALE, EVENT_PAUSED, HOLD_ACTIVE
 from service.errors import DomainError
 from service.inventory import Inventory
 from service.settings import Settings
+from service.slots import SlotClients
 
 log = logging.getLogger("boxoffice.reconcile")
 
@@ -816,22 +817,27 @@ async def redrive_outbox(
     from workers.outbox import GROUP, _decode, write_batch
 
     okey = keys.outbox(event_id)
-    written = dead = 0
-    while True:
-        entries = await client.xrange(okey, count=settings.outbox_batch_size)
-        if not entries:
-            return written, dead
-        batch = [(_s(i), _decode(event_id, f)) for i, f in entries]
-        batch = [(i, o) for i, o in batch if o is not None]
-        result = await write_batch(pg, batch)
-        written, dead = written + len(result.written), dead + len(result.dead_lettered)
-        ids = [_s(i) for i, _ in entries]
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.xack(okey, GROUP, *ids)
-            pipe.xdel(okey, *ids)
-            replies = await pipe.execute(raise_on_error=False)
-        if isinstance(replies[1], Exception):
-            raise replies[1]  # a NOGROUP from XACK (no worker ever ran) is fine; XDEL must work
+    slots = SlotClients(client)
+    try:
+        node = await slots.for_key(okey)  # the MULTI below, on a Redis Cluster: service/slots.py
+        written = dead = 0
+        while True:
+            entries = await node.xrange(okey, count=settings.outbox_batch_size)
+            if not entries:
+                return written, dead
+            batch = [(_s(i), _decode(event_id, f)) for i, f in entries]
+            batch = [(i, o) for i, o in batch if o is not None]
+            result = await write_batch(pg, batch)
+            written, dead = written + len(result.written), dead + len(result.dead_lettered)
+            ids = [_s(i) for i, _ in entries]
+            async with node.pipeline(transaction=True) as pipe:
+                pipe.xack(okey, GROUP, *ids)
+                pipe.xdel(okey, *ids)
+                replies = await pipe.execute(raise_on_error=False)
+            if isinstance(replies[1], Exception):
+                raise replies[1]  # a NOGROUP from XACK (no worker ever ran) is fine; XDEL must work
+    finally:
+        await slots.aclose()
 
 
 async def _fix_holds(
@@ -1039,16 +1045,24 @@ async def reconcile_event(
     DomainError(event_not_found) if neither store knows the event; Redis and PostgreSQL errors propagate (a
     repair that fails half-way leaves the event paused: run it again, every step is idempotent).
     """
-    report, findings = await _check(redis, pg, event_id, settings)
-    if not repair or not any(d.repairable for d in report.drifts):
-        return report
-    was_on_sale = report.status == EVENT_ON_SALE
-    actions = []
-    if was_on_sale:
-        await catalog.set_status(pg, inventory, event_id, EVENT_PAUSED)
-        actions.append("paused the sale")
-    actions += await _repair(redis, pg, inventory, event_id, settings, report, findings)
-    after, _ = await _check(redis, pg, event_id, settings)
+    slots = SlotClients(redis)
+    try:
+        # On a Redis Cluster: a plain client on the node that owns the event's slot, for the MULTI / WATCH
+        # snapshots and repairs below (every key they touch is the event's). The scripts go through
+        # ``inventory``'s client as usual.
+        node = await slots.for_key(keys.meta(event_id))
+        report, findings = await _check(node, pg, event_id, settings)
+        if not repair or not any(d.repairable for d in report.drifts):
+            return report
+        was_on_sale = report.status == EVENT_ON_SALE
+        actions = []
+        if was_on_sale:
+            await catalog.set_status(pg, inventory, event_id, EVENT_PAUSED)
+            actions.append("paused the sale")
+        actions += await _repair(node, pg, inventory, event_id, settings, report, findings)
+        after, _ = await _check(node, pg, event_id, settings)
+    finally:
+        await slots.aclose()
     if was_on_sale:
         if any(d.kind in OVERSELL_RISK for d in after.drifts):
             actions.append("left the sale paused: drift that risks an oversell remains")
