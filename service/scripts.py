@@ -6,11 +6,10 @@ A script may say ``--- @include NAME`` on a line of its own; the loader splices 
 ``ScriptRunner.run`` sends EVALSHA. With ``auto_pipeline`` on, every call made in the same event-loop
 tick is sent in one write on one connection, the way ioredis' auto-pipelining works, and results come back
 to each caller in order: over ``AutoPipeline`` (service/autopipeline.py) for plain TCP and unix sockets, else
-(TLS) as one redis-py pipeline per tick. On a Redis Cluster, whose redis-py pipeline refuses EVALSHA, the
-calls of a tick go out side by side, each to the node of its first key. A NOSCRIPT reply (Redis restarted or SCRIPT FLUSH)
-makes the runner load the script and send that call again, and a call whose connection failed is sent
-again through redis-py's pool, with its retry and backoff. Both are safe because every script is
-idempotent (see each script's header).
+(TLS, Redis Cluster) as one redis-py pipeline per tick (on a cluster: one per node). A NOSCRIPT reply (Redis
+restarted or SCRIPT FLUSH) makes the runner load the script and send that call again, and a call whose
+connection failed is sent again through redis-py's pool, with its retry and backoff. Both are safe because
+every script is idempotent (see each script's header).
 
 ``ScriptRunner.batched`` goes one step further for a script that takes many items in one call (``hold``):
 the calls for the same key made during one tick become one EVALSHA, so Redis sets up the script, reads
@@ -28,7 +27,6 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
-from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
@@ -65,7 +63,7 @@ class ScriptRunner:
         self._batches_loop: asyncio.AbstractEventLoop | None = None  # the loop those items belong to
         self._flushing: set[asyncio.Task] = set()
         self.pipe: AutoPipeline | None = None
-        pool = getattr(client, "connection_pool", None)  # RedisCluster has none: run()'s per-tick queue
+        pool = getattr(client, "connection_pool", None)  # RedisCluster has none: per-tick redis-py pipelines
         if (
             auto_pipeline
             and pool is not None
@@ -184,17 +182,13 @@ class ScriptRunner:
                 if not fut.done():
                     fut.set_result(result)
                 return
-            if isinstance(self.client, RedisCluster):
-                # redis-py's cluster pipeline refuses EVALSHA (PIPELINE_BLOCKED_COMMANDS): each call goes out
-                # on its own, at once, to the node of its first key.
-                results = await asyncio.gather(
-                    *(script(keys=keys, args=args) for script, keys, args, _ in batch), return_exceptions=True
-                )
-            else:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _ in batch:
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the evalsha method
+                    # (PIPELINE_BLOCKED_COMMANDS), yet routes a raw EVALSHA by its first key like any command:
+                    # one pipeline per node, redirections (MOVED, ASK) followed one call at a time.
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
             for (script, keys, args, fut), result in zip(batch, results, strict=True):
                 if isinstance(result, NoScriptError):
                     try:

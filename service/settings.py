@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     """Retry-After sent with 503 when Redis does not answer."""
     auto_pipeline: bool = True
     """Send the script calls of one event-loop tick in one write on one shared connection (service/autopipeline.py;
-    a redis-py pipeline per tick over TLS; side by side on a Redis Cluster). False: one pooled round trip per call."""
+    a redis-py pipeline per tick over TLS or Redis Cluster). False: one pooled round trip per call."""
 
     gc_young_threshold: int = Field(default=5000, ge=700)
     """API processes: net allocations between collections of Python's youngest GC generation (Python's

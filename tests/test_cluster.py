@@ -243,6 +243,44 @@ async def test_slot_clients_reach_the_owner_of_the_slot(scratch):
     await single.aclose()
 
 
+async def test_many_calls_per_tick_on_few_connections_per_node(cluster_url):
+    """More calls in one tick than a node has connections: the tick's calls share one pipeline per node."""
+    settings = Settings(
+        redis_url=cluster_url, database_url="postgresql://unused", redis_cluster=True, redis_max_connections=4
+    )
+    client = redis_client(cluster_url, settings)
+    inv = Inventory(client, settings)
+    await inv.runner.load()
+    events = [new_event_id("tick") for _ in range(6)]
+    spec = {
+        "name": "t",
+        "starts_at": datetime.now(UTC).isoformat(),
+        "zones": [{"zone_id": "ga", "kind": "ga", "capacity": 1000, "price_cents": 1}],
+    }
+    for eid in events:
+        await inv.load_event(EventSpec.model_validate({**spec, "event_id": eid}))
+    req = HoldRequest.model_validate({"customer_id": "c", "items": [{"zone_id": "ga", "quantity": 1}]})
+    try:
+        replies = await asyncio.gather(
+            *(inv.availability(eid) for eid in events for _ in range(40)),
+            *(inv.reap(eid) for eid in events for _ in range(10)),
+            *(
+                inv.hold(eid, req.model_copy(update={"customer_id": f"c{n}"}))
+                for eid in events
+                for n in range(5)
+            ),
+        )
+        assert len(replies) == 6 * 55
+        for eid in events:
+            ga = (await inv.availability(eid))["zones"][0]
+            assert (ga["held"], ga["available"]) == (5, 995)
+    finally:
+        for eid in events:
+            await inv.unload_event(eid)
+        inv.close()
+        await client.aclose()
+
+
 async def test_write_through_reconcile_audit_and_rebuild_on_redis_cluster(scratch):
     client, inventory, pg, settings, write_through = scratch
     assert isinstance(inventory.client, RedisCluster)
