@@ -25,6 +25,9 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+MAX_CONNECTIONS = 64
+"""Most connections a ``SlotClients`` opens to one node (the cluster client's own cap, if lower, wins)."""
+
 
 class SlotClients:
     """Per-node plain clients of one cluster client; for a single server, that client itself."""
@@ -44,12 +47,19 @@ class SlotClients:
         node = client.get_node_from_key(key)
         plain = self._nodes.get(node.name)
         if plain is None:
-            pool = aioredis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
-            plain = self._nodes[node.name] = aioredis.Redis(connection_pool=pool)
+            # As many connections as the cluster client allows a node; more callers wait for one.
+            kwargs = node.connection_kwargs
+            pool = aioredis.BlockingConnectionPool(
+                connection_class=node.connection_class,
+                max_connections=min(node.max_connections, MAX_CONNECTIONS),
+                timeout=kwargs.get("socket_timeout") or 5.0,
+                **kwargs,
+            )
+            plain = self._nodes[node.name] = aioredis.Redis.from_pool(pool)
         return plain
 
     async def aclose(self) -> None:
-        """Close the per-node clients (not the cluster client, which the caller owns)."""
+        """Close the per-node clients and their connections (not the cluster client, which the caller owns)."""
         nodes, self._nodes = list(self._nodes.values()), {}
         for plain in nodes:
-            await plain.aclose()
+            await plain.aclose()  # from_pool: closes the pool's connections too

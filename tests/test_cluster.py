@@ -243,6 +243,29 @@ async def test_slot_clients_reach_the_owner_of_the_slot(scratch):
     await single.aclose()
 
 
+async def test_slot_clients_close_their_connections(scratch):
+    _, inventory, _, _, _ = scratch
+    cluster = inventory.client
+    await cluster.initialize()
+    ports = [node.port for node in cluster.get_primaries()]
+
+    def connected() -> int:
+        return sum(len(redis.Redis(port=p).client_list()) for p in ports)  # the calling client included
+
+    before = connected()
+    for _ in range(3):
+        slots = SlotClients(cluster)
+        eids = [new_event_id("close") for _ in range(12)]
+        nodes = [await slots.for_key(keys.meta(e)) for e in eids]
+        await asyncio.gather(*(n.set(keys.meta(e), "1") for n, e in zip(nodes, eids, strict=True)))
+        assert connected() > before
+        for e in eids:
+            await cluster.delete(keys.meta(e))
+        await slots.aclose()
+    await asyncio.sleep(0.2)
+    assert connected() == before
+
+
 async def test_many_calls_per_tick_on_few_connections_per_node(cluster_url):
     """More calls in one tick than a node has connections: the tick's calls share one pipeline per node."""
     settings = Settings(
@@ -380,6 +403,12 @@ async def test_boxoffice_worker_on_redis_cluster(scratch, cluster_url, database_
                         del pending[eid]
                 await asyncio.sleep(0.2)
             assert not pending, f"not written through: {pending}"
+            # Acked and deleted after the commit (XACK + XDEL in a MULTI on the event's node).
+            backlog = [1]
+            while any(backlog) and time.monotonic() < deadline:
+                backlog = [await inventory.client.xlen(keys.outbox(e)) for e in events]
+                await asyncio.sleep(0.2)
+            assert backlog == [0] * len(events)
             # The sweeper ended the 1-second holds: read the records directly (reads through the API reap
             # by themselves, which would hide a sweeper that does nothing).
             expired = set()
@@ -396,4 +425,5 @@ async def test_boxoffice_worker_on_redis_cluster(scratch, cluster_url, database_
             worker.terminate()
             await asyncio.wait_for(worker.wait(), 30)
         assert alive and expired == set(events), log.read_text()[-3000:]
+        assert "Traceback" not in log.read_text() and "failed" not in log.read_text(), log.read_text()[-3000:]
         assert b"arq:queue:health-check" in arq_keys, arq_keys
