@@ -41,16 +41,20 @@ def redis_server_binary() -> str:
 
 
 @contextlib.contextmanager
-def throwaway_redis(*, timeout_seconds: float = 10.0) -> Iterator[str]:
+def throwaway_redis(
+    *, timeout_seconds: float = 10.0, binary: str | None = None, args: tuple[str, ...] = ()
+) -> Iterator[str]:
     """A private redis-server on a free loopback port, no persistence; yields its URL and stops it after.
 
-    Raises RuntimeError if it does not answer PING within ``timeout_seconds``.
+    ``binary``: another server binary (default: ``redis_server_binary()``); ``args``: more options, after
+    (and so over) the defaults, e.g. ``("--appendonly", "yes")``. Raises RuntimeError if it does not
+    answer PING within ``timeout_seconds``.
     """
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="boxoffice-redis-")
     proc = subprocess.Popen(
         [
-            redis_server_binary(),
+            binary or redis_server_binary(),
             "--port",
             str(port),
             "--bind",
@@ -63,6 +67,7 @@ def throwaway_redis(*, timeout_seconds: float = 10.0) -> Iterator[str]:
             workdir,
             "--maxclients",
             "10000",
+            *args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -82,6 +87,82 @@ def throwaway_redis(*, timeout_seconds: float = 10.0) -> Iterator[str]:
         yield url
     finally:
         stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """Free ports whose cluster-bus port (port + 10000) is free too."""
+    import random
+
+    ports: list[int] = []
+    while len(ports) < n:
+        p = random.randint(20000, 30000)
+        try:
+            for q in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+@contextlib.contextmanager
+def throwaway_cluster(
+    masters: int = 3, *, binary: str | None = None, args: tuple[str, ...] = (), timeout_seconds: float = 30.0
+) -> Iterator[str]:
+    """A private Redis Cluster of ``masters`` primaries (no replicas) on free loopback ports, in a temp dir;
+    yields one node's URL and stops them all after. ``binary`` and ``args`` as in ``throwaway_redis``; the
+    cluster is made with ``redis-cli --cluster create``. Raises RuntimeError if it is not up in time."""
+    workdir = tempfile.mkdtemp(prefix="boxoffice-cluster-")
+    ports = _cluster_ports(masters)
+    procs = [
+        subprocess.Popen(
+            [
+                binary or redis_server_binary(),
+                *("--port", str(p), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""),
+                *(
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{p}.conf",
+                ),
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    try:
+        deadline = time.monotonic() + timeout_seconds
+        for p in ports:
+            while True:
+                try:
+                    redis.Redis(port=p, socket_connect_timeout=0.5).ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cluster node on port {p} did not start") from None
+                    time.sleep(0.05)
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=timeout_seconds,
+        )
+        while not all(redis.Redis(port=p).cluster("info")["cluster_state"] == "ok" for p in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from test_rebuild import buy, create, hold, scratch, scratch_app_and_client, seats_with, zones  # noqa: F401
 
 from loadtests.audit import audit_event
-from loadtests.local import throwaway_redis
+from loadtests.local import throwaway_cluster, throwaway_redis
 from service import keys
 from service.app import redis_client
 from service.domain import EventSpec, HoldRequest
@@ -37,85 +37,10 @@ from workers.reconcile import reconcile_event
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
 
-def _cluster_ports(n: int) -> list[int]:
-    """Free ports whose cluster-bus port (port + 10000) is free too."""
-    import random
-    import socket
-
-    ports: list[int] = []
-    while len(ports) < n:
-        p = random.randint(20000, 30000)
-        try:
-            for q in (p, p + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", q))
-        except OSError:
-            continue
-        if p not in ports:
-            ports.append(p)
-    return ports
-
-
 @pytest.fixture(scope="module")
-def cluster_url(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cluster")
-    ports = _cluster_ports(3)
-    procs = [
-        subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(p),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                f"nodes-{p}.conf",
-                "--dir",
-                str(tmp),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for p in ports
-    ]
-    try:
-        for p in ports:
-            for _ in range(50):
-                try:
-                    redis.Redis(port=p).ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.1)
-        subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{p}" for p in ports),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        for _ in range(100):
-            if all(redis.Redis(port=p).cluster("info")["cluster_state"] == "ok" for p in ports):
-                break
-            time.sleep(0.1)
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
+def cluster_url():
+    with throwaway_cluster() as url:
+        yield url
 
 
 @pytest.mark.parametrize("auto_pipeline", [True, False])
