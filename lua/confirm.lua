@@ -8,7 +8,8 @@
   ARGV[4]  retention_seconds  integer, how long the hold record and order pointer stay in Redis
   ARGV[5]  reap_limit         integer
 
-  Safe to run twice: a confirmed hold returns its existing order (created = false).
+  Safe to run twice: a confirmed hold returns its existing order (created = false), and writes its unchanged
+  status again, so that WAITAOF after a repeat covers the first confirm's writes.
   Works while the sale is paused (a paused event refuses new holds, not payment for given ones).
 
   Returns JSON, one of:
@@ -41,6 +42,9 @@ local function order_of(h)
 end
 
 if hold.status == 'confirmed' then
+  -- A write on a repeat too (the same value: nothing changes), so a WAITAOF after this call on its connection
+  -- waits for an AOF offset past the first confirm's writes (service/inventory.py, Inventory.confirm).
+  redis.call('HSET', prefix .. 'hold:' .. hold_id, 'status', 'confirmed')
   return cjson.encode({ order = order_of(hold), created = false })
 end
 hold.status = settle(prefix, hold_id, hold.status, hold.expires_at_ms, now, retention)

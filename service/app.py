@@ -15,8 +15,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AskError, MovedError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.datastructures import State
@@ -133,10 +133,13 @@ async def _unavailable(request: Request, exc: Exception) -> JSON:
 
 
 async def _redis_refused(request: Request, exc: Exception) -> JSON:
-    """Redis answered but refused for now: BUSY running a script, OOM, a read-only replica after failover.
+    """Redis answered but refused for now: BUSY running a script, OOM, a read-only replica after failover, a
+    cluster slot that moved (MOVED / ASK where the call may not follow it: a durable confirm).
     Nothing was written (https://redis.io/docs/latest/develop/reference/protocol-spec/#simple-errors): 503."""
     text = str(exc)
-    if isinstance(exc, OutOfMemoryError | ReadOnlyError) or text.startswith(("BUSY", "LOADING", "TRYAGAIN")):
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError | MovedError | AskError) or text.startswith(
+        ("BUSY", "LOADING", "TRYAGAIN")
+    ):
         return await _unavailable(request, RedisConnectionError(text))
     return await _internal(request, exc)
 

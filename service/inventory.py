@@ -120,27 +120,31 @@ class Inventory:
     async def confirm(self, event_id: str, hold_id: str, payment_ref: str) -> tuple[dict, bool]:
         """Confirm a hold. Returns (order, created); created is False for a repeat.
 
-        Raises DomainError: event_not_found, hold_not_found, hold_expired, hold_released.
+        With ``wait_aof``, the confirm is followed by ``WAITAOF 1 0 wait_aof_timeout_ms`` on the connection that
+        sent it (Redis >= 7.2, https://redis.io/commands/waitaof/; ``ScriptRunner.run_durable``), so the order
+        is in the fsynced AOF before this returns. A repeat waits too (the script writes on a repeat as well,
+        so its WAITAOF covers the first confirm's write, which came earlier in the same AOF): the first reply
+        may have been lost before its fsync.
+
+        Raises DomainError: event_not_found, hold_not_found, hold_expired, hold_released; unavailable
+        (``aof_fsync_timeout``) if the fsync did not happen within ``wait_aof_timeout_ms``: the order is
+        confirmed in Redis, and the client's retry (confirm is idempotent) waits for the fsync again.
         """
         args = [hold_id, new_id("o"), payment_ref, *self._common()]
-        data = _reply(await self.runner.run("confirm", [keys.meta(event_id)], args))
-        if self.settings.wait_aof:  # a repeat too: the first reply may have been lost before its fsync
-            await self._wait_aof()
-        return data["order"], data["created"]
-
-    async def _wait_aof(self) -> None:
-        """WAITAOF 1 0 (Redis >= 7.2, https://redis.io/commands/waitaof/): block until the local AOF is fsynced.
-
-        Raises DomainError(unavailable) if the fsync did not happen within ``wait_aof_timeout_ms``: the order
-        is confirmed in Redis, and the client's retry (confirm is idempotent) waits for the fsync again.
-        """
-        local, _ = await self.client.execute_command("WAITAOF", 1, 0, self.settings.wait_aof_timeout_ms)
-        if int(local) < 1:
+        if not self.settings.wait_aof:
+            data = _reply(await self.runner.run("confirm", [keys.meta(event_id)], args))
+            return data["order"], data["created"]
+        raw, fsynced = await self.runner.run_durable(
+            "confirm", [keys.meta(event_id)], args, (1, 0, self.settings.wait_aof_timeout_ms)
+        )
+        data = _reply(raw)
+        if fsynced < 1:
             raise DomainError(
                 "unavailable",
                 message="The order is not yet durable; retry the confirm.",
                 details={"store": "redis", "reason": "aof_fsync_timeout"},
             )
+        return data["order"], data["created"]
 
     async def release(self, event_id: str, hold_id: str) -> str:
         """Release a hold; returns "released" (or "expired" if it had expired). Raises hold_confirmed, hold_not_found."""

@@ -27,6 +27,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
@@ -63,6 +64,7 @@ class ScriptRunner:
         self._batches_loop: asyncio.AbstractEventLoop | None = None  # the loop those items belong to
         self._flushing: set[asyncio.Task] = set()
         self.pipe: AutoPipeline | None = None
+        self.durable: AutoPipeline | None = None
         pool = getattr(client, "connection_pool", None)  # RedisCluster has none: per-tick redis-py pipelines
         if (
             auto_pipeline
@@ -75,11 +77,23 @@ class ScriptRunner:
                 timeout_seconds=kw.get("socket_timeout") or 5.0,
                 connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
             )
+            # A second connection, opened on first use, for calls that must wait for their own fsync
+            # (``run_durable``): the WAITAOF that blocks it must not hold up the other calls.
+            self.durable = AutoPipeline(
+                kw,
+                timeout_seconds=kw.get("socket_timeout") or 5.0,
+                connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
+            )
+        self._durable_wait: asyncio.Future | None = None  # the WAITAOF that follows this tick's durable calls
+        self._durable_queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []  # no pipe
+        self._durable_queue_loop: asyncio.AbstractEventLoop | None = None
 
     def close(self) -> None:
-        """Close the auto-pipeline connection (the client's pool is the caller's to close)."""
+        """Close the auto-pipeline connections (the client's pool is the caller's to close)."""
         if self.pipe is not None:
             self.pipe.close()
+        if self.durable is not None:
+            self.durable.close()
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (at start-up, so the first requests don't pay for it)."""
@@ -112,6 +126,135 @@ class ScriptRunner:
         if len(self._queue) == 1:
             loop.call_soon(self._flush)
         return await fut
+
+    async def run_durable(
+        self, name: str, keys: list[str], args: list[Any], wait: tuple[int, int, int]
+    ) -> tuple[Any, int]:
+        """EVALSHA ``name``, then ``WAITAOF numlocal numreplicas timeout_ms`` (``wait``) on the same connection.
+        Returns (the script's reply, how many local AOFs fsynced it: WAITAOF's first reply).
+
+        WAITAOF waits for the writes of the connection it is sent on, and only those
+        (https://redis.io/commands/waitaof/): sent on any other connection it would answer at once, fsync or
+        not. With auto-pipelining, the calls of one tick share a connection of their own and one WAITAOF
+        after them (a group commit: with ``appendfsync everysec`` they wait for the same fsync, at most about
+        a second, and calls of later ticks queue behind it). Otherwise the tick's calls go out as one redis-py
+        pipeline with one WAITAOF after them per server (on a Redis Cluster, per node), which holds one
+        pooled connection per server until the fsync. A NOSCRIPT reply loads the script and sends the call
+        and a WAITAOF again, once. Raises redis.exceptions.RedisError (e.g. ConnectionError: whether the script
+        ran is unknown; scripts are idempotent, so the caller may send it again).
+        """
+        script = self.scripts[name]
+        for attempt in (1, 2):
+            try:
+                if self.durable is not None:
+                    reply, waited = await self._run_durable_pipelined(script, keys, args, wait)
+                else:
+                    reply, waited = await self._run_durable_pooled(script, keys, args, wait)
+                return reply, int(waited[0])
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self.client.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    async def _run_durable_pipelined(
+        self, script: AsyncScript, keys: list[str], args: list[Any], wait: tuple[int, int, int]
+    ) -> tuple[Any, Any]:
+        assert self.durable is not None
+        cmd = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        fut = self.durable.submit(cmd)
+        if fut is None:  # not connected yet (or reconnecting): execute connects
+            await self.durable.execute("PING")
+            fut = self.durable.submit(cmd)
+            if fut is None:
+                raise RedisConnectionError("Redis connection for durable calls not open")
+        loop = asyncio.get_running_loop()
+        waited = self._durable_wait
+        if waited is None or waited.get_loop() is not loop:
+            # The first durable call of this tick: one WAITAOF goes out after every call of the tick, in
+            # a callback that runs once the tick's callers have all queued theirs.
+            waited = self._durable_wait = loop.create_future()
+            waited.add_done_callback(_retrieve)
+            loop.call_soon(self._seal_durable, waited, wait)
+        reply = await fut
+        return reply, await asyncio.shield(waited)
+
+    def _seal_durable(self, waited: asyncio.Future, wait: tuple[int, int, int]) -> None:
+        if self._durable_wait is waited:
+            self._durable_wait = None
+        assert self.durable is not None
+        fut = self.durable.submit(("WAITAOF", *wait))
+        if fut is None:
+            waited.set_exception(RedisConnectionError("Redis connection for durable calls lost"))
+            return
+
+        def settle(done: asyncio.Future) -> None:
+            if waited.done():
+                return
+            if done.cancelled():
+                waited.cancel()
+            elif done.exception() is not None:
+                waited.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                waited.set_result(done.result())
+
+        fut.add_done_callback(settle)  # type: ignore[union-attr]
+
+    async def _run_durable_pooled(
+        self, script: AsyncScript, keys: list[str], args: list[Any], wait: tuple[int, int, int]
+    ) -> tuple[Any, Any]:
+        loop = asyncio.get_running_loop()
+        if self._durable_queue_loop is not loop:
+            self._durable_queue, self._durable_queue_loop = [], loop
+        fut = loop.create_future()
+        self._durable_queue.append((script, keys, args, fut))
+        if len(self._durable_queue) == 1:
+            loop.call_soon(self._flush_durable, wait)
+        return await fut
+
+    def _flush_durable(self, wait: tuple[int, int, int]) -> None:
+        batch, self._durable_queue = self._durable_queue, []
+        self._spawn(asyncio.get_running_loop(), self._send_durable(batch, wait))
+
+    async def _send_durable(
+        self,
+        batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]],
+        wait: tuple[int, int, int],
+    ) -> None:
+        """One redis-py pipeline for the tick's durable calls: their EVALSHAs, then one WAITAOF per server they
+        went to (on a Redis Cluster, per node: the cluster pipeline sends each node's commands, in order, on
+        one connection). Each caller's future gets (reply, its server's WAITAOF reply)."""
+        try:
+            cluster = isinstance(self.client, RedisCluster)
+            if cluster:
+                await self.client.initialize()
+            node_of = [self.client.get_node_from_key(keys[0]) if cluster else None for _, keys, _, _ in batch]
+            nodes = list({n.name: n for n in node_of if n is not None}.values()) if cluster else [None]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                for node in nodes:
+                    pipe.execute_command("WAITAOF", *wait, **({"target_nodes": node} if node else {}))
+                # No redirections on a cluster: a call sent again to another node would not be the one
+                # that node's WAITAOF waited for. A MOVED reply fails that call (the client may retry).
+                options = {"allow_redirections": False} if cluster else {}
+                results = await pipe.execute(raise_on_error=False, **options)
+        except Exception as exc:  # the pipeline itself failed: nobody has a result
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        waits = dict(zip([n.name if n else None for n in nodes], results[len(batch) :], strict=True))
+        for (_, _, _, fut), reply, node in zip(batch, results, node_of, strict=True):
+            waited = waits[node.name if node else None]
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+            elif isinstance(waited, Exception):
+                fut.set_exception(waited)
+            else:
+                fut.set_result((reply, waited))
 
     def batched(self, name: str, key: str, common: list[Any], item: tuple[Any, ...]) -> asyncio.Future:
         """Queue one item for script ``name`` on ``key`` and return the future of its own reply.
@@ -286,3 +429,9 @@ class _Batch:
         for fut in self.futures:
             if not fut.done():
                 fut.set_exception(exc)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark a shared future's exception as retrieved: every caller may have stopped waiting for it."""
+    if not fut.cancelled():
+        fut.exception()

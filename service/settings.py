@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     """A pending outbox entry idle this long belongs to a dead worker and is claimed (XAUTOCLAIM)."""
     outbox_backoff_max_seconds: float = 5.0
     wait_aof: bool = False
-    """After confirm, WAITAOF 1 0 (Redis >= 7.2) so the order is fsynced before 201 is sent."""
+    """After confirm, WAITAOF 1 0 on the confirm's own connection (Redis >= 7.2) so the order is fsynced before
+    201 is sent (``Inventory.confirm``)."""
     wait_aof_timeout_ms: int = 1000
 
     # Ops
