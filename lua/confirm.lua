@@ -7,9 +7,11 @@
   ARGV[3]  payment_ref        string
   ARGV[4]  retention_seconds  integer, how long the hold record and order pointer stay in Redis
   ARGV[5]  reap_limit         integer
+  ARGV[6]  durable            "1": a WAITAOF follows this call on its connection (BOXOFFICE_WAIT_AOF), so a
+                              repeat writes too; "" or absent: a repeat only reads
 
-  Safe to run twice: a confirmed hold returns its existing order (created = false), and writes its unchanged
-  status again, so that WAITAOF after a repeat covers the first confirm's writes.
+  Safe to run twice: a confirmed hold returns its existing order (created = false); when durable, it writes
+  its unchanged status again, so that WAITAOF after a repeat covers the first confirm's writes.
   Works while the sale is paused (a paused event refuses new holds, not payment for given ones).
 
   Returns JSON, one of:
@@ -42,9 +44,11 @@ local function order_of(h)
 end
 
 if hold.status == 'confirmed' then
-  -- A write on a repeat too (the same value: nothing changes), so a WAITAOF after this call on its connection
-  -- waits for an AOF offset past the first confirm's writes (service/inventory.py, Inventory.confirm).
-  redis.call('HSET', prefix .. 'hold:' .. hold_id, 'status', 'confirmed')
+  if ARGV[6] == '1' then
+    -- A write on a repeat too (the same value: nothing changes), so a WAITAOF after this call on its
+    -- connection waits for an AOF offset past the first confirm's writes (Inventory.confirm).
+    redis.call('HSET', prefix .. 'hold:' .. hold_id, 'status', 'confirmed')
+  end
   return cjson.encode({ order = order_of(hold), created = false })
 end
 hold.status = settle(prefix, hold_id, hold.status, hold.expires_at_ms, now, retention)

@@ -206,7 +206,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             metrics.TALLY.flush()
             await app.state.pg.close()
-            app.state.inventory.close()
+            await app.state.inventory.aclose()
             await client.aclose()
 
     unavailable = (

@@ -77,8 +77,12 @@ class Inventory:
         self.runner = ScriptRunner(client, auto_pipeline=settings.auto_pipeline)
 
     def close(self) -> None:
-        """Close the scripts' auto-pipeline connection; the Redis client stays the caller's to close."""
+        """Close the scripts' auto-pipeline connections; the Redis client stays the caller's to close."""
         self.runner.close()
+
+    async def aclose(self) -> None:
+        """``close``, and the per-node connections of durable confirms on a Redis Cluster, if any."""
+        await self.runner.aclose()
 
     def _common(self) -> list[int]:
         """retention_seconds and reap_limit, which every script takes (the hold script first, the others last)."""
@@ -135,7 +139,7 @@ class Inventory:
             data = _reply(await self.runner.run("confirm", [keys.meta(event_id)], args))
             return data["order"], data["created"]
         raw, fsynced = await self.runner.run_durable(
-            "confirm", [keys.meta(event_id)], args, (1, 0, self.settings.wait_aof_timeout_ms)
+            "confirm", [keys.meta(event_id)], [*args, "1"], (1, 0, self.settings.wait_aof_timeout_ms)
         )
         data = _reply(raw)
         if fsynced < 1:

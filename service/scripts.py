@@ -20,6 +20,7 @@ holds per call; see loadtests/RESULTS.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,13 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.autopipeline import AutoPipeline
+from service.slots import SlotClients
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 SCRIPT_NAMES = ("hold", "confirm", "release", "get_hold", "availability", "seat_page", "reap")
 _INCLUDE = re.compile(r"^--- @include (\w+)\s*$", re.M)
+DURABLE_CONNECTIONS = 8
+"""Most auto-pipelined connections a process opens for durable calls (``ScriptRunner.run_durable``)."""
 MAX_BATCH = 64
 """Most items ``ScriptRunner.batched`` puts in one call: past this a call goes out at once and the next
 items start another, so one script run stays short (Redis serves nobody else while it runs)."""
@@ -64,7 +68,7 @@ class ScriptRunner:
         self._batches_loop: asyncio.AbstractEventLoop | None = None  # the loop those items belong to
         self._flushing: set[asyncio.Task] = set()
         self.pipe: AutoPipeline | None = None
-        self.durable: AutoPipeline | None = None
+        self._pipe_kwargs: dict[str, Any] | None = None
         pool = getattr(client, "connection_pool", None)  # RedisCluster has none: per-tick redis-py pipelines
         if (
             auto_pipeline
@@ -77,23 +81,36 @@ class ScriptRunner:
                 timeout_seconds=kw.get("socket_timeout") or 5.0,
                 connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
             )
-            # A second connection, opened on first use, for calls that must wait for their own fsync
-            # (``run_durable``): the WAITAOF that blocks it must not hold up the other calls.
-            self.durable = AutoPipeline(
-                kw,
-                timeout_seconds=kw.get("socket_timeout") or 5.0,
-                connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
-            )
-        self._durable_wait: asyncio.Future | None = None  # the WAITAOF that follows this tick's durable calls
+            self._pipe_kwargs = kw
+        # Calls that must wait for their own fsync (``run_durable``) go on connections of their own, opened on
+        # first use: a WAITAOF blocks its connection, which must not hold up the other calls.
+        self._durable_pipes: dict[AutoPipeline, int] = {}  # -> WAITAOFs outstanding on it
+        self._durable_tick: tuple[AutoPipeline, asyncio.Future] | None = (
+            None  # this tick's connection, WAITAOF
+        )
         self._durable_queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []  # no pipe
         self._durable_queue_loop: asyncio.AbstractEventLoop | None = None
+        self._slots: SlotClients | None = None  # Redis Cluster: per-node clients for durable calls
 
     def close(self) -> None:
-        """Close the auto-pipeline connections (the client's pool is the caller's to close)."""
+        """Close the auto-pipeline connections (the client's pool is the caller's to close). Per-node clients
+        of durable calls on a Redis Cluster are closed by ``aclose`` (here only if a loop runs)."""
         if self.pipe is not None:
             self.pipe.close()
-        if self.durable is not None:
-            self.durable.close()
+        for pipe in self._durable_pipes:
+            pipe.close()
+        self._durable_pipes = {}
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: they close with the process
+                self._spawn(asyncio.get_running_loop(), slots.aclose())
+
+    async def aclose(self) -> None:
+        """``close``, waiting for the per-node clients of durable calls to close."""
+        slots, self._slots = self._slots, None
+        self.close()
+        if slots is not None:
+            await slots.aclose()
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (at start-up, so the first requests don't pay for it)."""
@@ -135,18 +152,19 @@ class ScriptRunner:
 
         WAITAOF waits for the writes of the connection it is sent on, and only those
         (https://redis.io/commands/waitaof/): sent on any other connection it would answer at once, fsync or
-        not. With auto-pipelining, the calls of one tick share a connection of their own and one WAITAOF
-        after them (a group commit: with ``appendfsync everysec`` they wait for the same fsync, at most about
-        a second, and calls of later ticks queue behind it). Otherwise the tick's calls go out as one redis-py
-        pipeline with one WAITAOF after them per server (on a Redis Cluster, per node), which holds one
-        pooled connection per server until the fsync. A NOSCRIPT reply loads the script and sends the call
-        and a WAITAOF again, once. Raises redis.exceptions.RedisError (e.g. ConnectionError: whether the script
-        ran is unknown; scripts are idempotent, so the caller may send it again).
+        not. With auto-pipelining, the calls of one tick share a connection and one WAITAOF after them (a
+        group commit); a tick takes a connection with no WAITAOF outstanding, opening one if need be (at most
+        ``DURABLE_CONNECTIONS``), so that while the disk is slow the ticks wait side by side, not one behind
+        the other. Otherwise the tick's calls go out as one redis-py pipeline with one WAITAOF after them
+        per server: on a Redis Cluster, one plain pipeline per node (``SlotClients``), whose retry after a
+        connection error sends the same commands to the same node again. A NOSCRIPT reply loads the script
+        and sends the call and a WAITAOF again, once. Raises redis.exceptions.RedisError (e.g.
+        ConnectionError: whether the script ran is unknown; scripts are idempotent, so it may be sent again).
         """
         script = self.scripts[name]
         for attempt in (1, 2):
             try:
-                if self.durable is not None:
+                if self._pipe_kwargs is not None:
                     reply, waited = await self._run_durable_pipelined(script, keys, args, wait)
                 else:
                     reply, waited = await self._run_durable_pooled(script, keys, args, wait)
@@ -157,44 +175,71 @@ class ScriptRunner:
                 await self.client.script_load(script.script)
         raise AssertionError("unreachable")
 
+    def _durable_pipe(self, loop: asyncio.AbstractEventLoop) -> AutoPipeline:
+        """The connection of this tick's durable calls: the open tick's, else an idle one, else a new one
+        (up to ``DURABLE_CONNECTIONS``), else the least busy."""
+        tick = self._durable_tick
+        if tick is not None and tick[1].get_loop() is loop:
+            return tick[0]
+        pipes = self._durable_pipes
+        idle = next((p for p, busy in pipes.items() if busy == 0), None)
+        if idle is not None:
+            return idle
+        if len(pipes) < DURABLE_CONNECTIONS:
+            kw = self._pipe_kwargs
+            assert kw is not None
+            pipe = AutoPipeline(
+                kw,
+                timeout_seconds=kw.get("socket_timeout") or 5.0,
+                connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
+            )
+            pipes[pipe] = 0
+            return pipe
+        return min(pipes, key=pipes.__getitem__)
+
     async def _run_durable_pipelined(
         self, script: AsyncScript, keys: list[str], args: list[Any], wait: tuple[int, int, int]
     ) -> tuple[Any, Any]:
-        assert self.durable is not None
+        loop = asyncio.get_running_loop()
+        pipe = self._durable_pipe(loop)
         cmd = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        fut = self.durable.submit(cmd)
+        fut = pipe.submit(cmd)
         if fut is None:  # not connected yet (or reconnecting): execute connects
-            await self.durable.execute("PING")
-            fut = self.durable.submit(cmd)
+            await pipe.execute("PING")
+            fut = pipe.submit(cmd)
             if fut is None:
                 raise RedisConnectionError("Redis connection for durable calls not open")
-        loop = asyncio.get_running_loop()
-        waited = self._durable_wait
-        if waited is None or waited.get_loop() is not loop:
-            # The first durable call of this tick: one WAITAOF goes out after every call of the tick, in
-            # a callback that runs once the tick's callers have all queued theirs.
-            waited = self._durable_wait = loop.create_future()
+        # Only now, with the call queued: the tick's WAITAOF on this connection, sent after every call queued
+        # during the tick (a callback of the next loop iteration), or a new one if that went out already.
+        tick = self._durable_tick
+        if tick is None or tick[0] is not pipe or tick[1].get_loop() is not loop:
+            waited = loop.create_future()
             waited.add_done_callback(_retrieve)
-            loop.call_soon(self._seal_durable, waited, wait)
+            tick = self._durable_tick = (pipe, waited)
+            loop.call_soon(self._seal_durable, tick, wait)
         reply = await fut
-        return reply, await asyncio.shield(waited)
+        return reply, await asyncio.shield(tick[1])
 
-    def _seal_durable(self, waited: asyncio.Future, wait: tuple[int, int, int]) -> None:
-        if self._durable_wait is waited:
-            self._durable_wait = None
-        assert self.durable is not None
-        fut = self.durable.submit(("WAITAOF", *wait))
+    def _seal_durable(self, tick: tuple[AutoPipeline, asyncio.Future], wait: tuple[int, int, int]) -> None:
+        if self._durable_tick is tick:
+            self._durable_tick = None
+        pipe, waited = tick
+        fut = pipe.submit(("WAITAOF", *wait))
         if fut is None:
             waited.set_exception(RedisConnectionError("Redis connection for durable calls lost"))
             return
+        if pipe in self._durable_pipes:
+            self._durable_pipes[pipe] += 1
 
-        def settle(done: asyncio.Future) -> None:
+        def settle(done: Any) -> None:
+            if pipe in self._durable_pipes:
+                self._durable_pipes[pipe] -= 1
             if waited.done():
                 return
             if done.cancelled():
                 waited.cancel()
             elif done.exception() is not None:
-                waited.set_exception(done.exception())  # type: ignore[arg-type]
+                waited.set_exception(done.exception())
             else:
                 waited.set_result(done.result())
 
@@ -214,39 +259,55 @@ class ScriptRunner:
 
     def _flush_durable(self, wait: tuple[int, int, int]) -> None:
         batch, self._durable_queue = self._durable_queue, []
-        self._spawn(asyncio.get_running_loop(), self._send_durable(batch, wait))
+        send = self._send_durable_by_node if isinstance(self.client, RedisCluster) else self._send_durable
+        self._spawn(asyncio.get_running_loop(), send(batch, wait))
+
+    async def _send_durable_by_node(
+        self,
+        batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]],
+        wait: tuple[int, int, int],
+    ) -> None:
+        """Redis Cluster: the tick's durable calls grouped by the node that owns their first key."""
+        assert isinstance(self.client, RedisCluster)
+        if self._slots is None:
+            self._slots = SlotClients(self.client)
+        try:
+            await self.client.initialize()  # the slot map (a no-op once read)
+            by_node: dict[str, list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]] = {}
+            for call in batch:
+                by_node.setdefault(self.client.get_node_from_key(call[1][0]).name, []).append(call)
+        except Exception as exc:
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        await asyncio.gather(*(self._send_durable(calls, wait) for calls in by_node.values()))
 
     async def _send_durable(
         self,
         batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]],
         wait: tuple[int, int, int],
     ) -> None:
-        """One redis-py pipeline for the tick's durable calls: their EVALSHAs, then one WAITAOF per server they
-        went to (on a Redis Cluster, per node: the cluster pipeline sends each node's commands, in order, on
-        one connection). Each caller's future gets (reply, its server's WAITAOF reply)."""
+        """One redis-py pipeline for durable calls to one server: their EVALSHAs, then one WAITAOF. On a Redis
+        Cluster, ``batch`` holds the calls of one node, sent on a plain client of that node (``SlotClients``);
+        a call whose slot moved meanwhile is answered MOVED (503), never followed. Each caller's future gets
+        (reply, the WAITAOF reply)."""
         try:
-            cluster = isinstance(self.client, RedisCluster)
-            if cluster:
-                await self.client.initialize()
-            node_of = [self.client.get_node_from_key(keys[0]) if cluster else None for _, keys, _, _ in batch]
-            nodes = list({n.name: n for n in node_of if n is not None}.values()) if cluster else [None]
-            async with self.client.pipeline(transaction=False) as pipe:
+            client = self.client
+            if self._slots is not None:
+                client = await self._slots.for_key(batch[0][1][0])
+            async with client.pipeline(transaction=False) as pipe:
                 for script, keys, args, _ in batch:
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                for node in nodes:
-                    pipe.execute_command("WAITAOF", *wait, **({"target_nodes": node} if node else {}))
-                # No redirections on a cluster: a call sent again to another node would not be the one
-                # that node's WAITAOF waited for. A MOVED reply fails that call (the client may retry).
-                options = {"allow_redirections": False} if cluster else {}
-                results = await pipe.execute(raise_on_error=False, **options)
+                pipe.execute_command("WAITAOF", *wait)
+                results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # the pipeline itself failed: nobody has a result
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        waits = dict(zip([n.name if n else None for n in nodes], results[len(batch) :], strict=True))
-        for (_, _, _, fut), reply, node in zip(batch, results, node_of, strict=True):
-            waited = waits[node.name if node else None]
+        waited = results[-1]
+        for (_, _, _, fut), reply in zip(batch, results[:-1], strict=True):
             if fut.done():
                 continue
             if isinstance(reply, Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -87,7 +87,9 @@ class Settings(BaseSettings):
     wait_aof: bool = False
     """After confirm, WAITAOF 1 0 on the confirm's own connection (Redis >= 7.2) so the order is fsynced before
     201 is sent (``Inventory.confirm``)."""
-    wait_aof_timeout_ms: int = 1000
+    wait_aof_timeout_ms: int = Field(default=1000, ge=1)
+    """Longest wait for that fsync; below ``redis_socket_timeout_seconds`` (a blocked WAITAOF must answer
+    before the connection's stall watchdog gives up on it)."""
 
     # Ops
     reconcile_interval_seconds: int = 30
@@ -95,6 +97,15 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "BOXOFFICE_METRICS_DIR")
     )
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _wait_aof_within_socket_timeout(self) -> Settings:
+        if self.wait_aof_timeout_ms >= self.redis_socket_timeout_seconds * 1000:
+            raise ValueError(
+                f"wait_aof_timeout_ms ({self.wait_aof_timeout_ms}) must be below redis_socket_timeout_seconds "
+                f"({self.redis_socket_timeout_seconds:g} s): a connection that waits longer is given up as stalled"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -12,6 +12,7 @@ bookworm-backports for CI), else ``valkey-server`` or a ``redis-server`` >= 7.2 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import shutil
@@ -77,6 +78,14 @@ class Fsync:
         for c in self.clients:
             await c.config_set("appendfsync", mode)
 
+    async def stat(self, section: str, field: str) -> int:
+        """``field`` of ``INFO section`` summed over the servers (0 where absent)."""
+        total = 0
+        for c in self.clients:
+            value = (await c.info(section)).get(field, 0)
+            total += value["calls"] if isinstance(value, dict) else int(value)
+        return total
+
     async def aclose(self) -> None:
         for c in self.clients:
             await c.aclose()
@@ -105,12 +114,19 @@ async def inventories(request):
         urls = [url]
     fsync = Fsync(urls)
     await fsync.set("no")
+    # Exceptions nobody retrieved (a failing background task of the runner) fail the test.
+    unhandled: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
     yield invs, fsync
     await fsync.set("no")
     await fsync.aclose()
     for inv, client in zip(invs, clients, strict=True):
-        inv.close()
+        await inv.aclose()
         await client.aclose()
+    gc.collect()  # "exception was never retrieved" is reported when the future is collected
+    loop.set_exception_handler(None)
+    assert not unhandled, unhandled
 
 
 async def _event(inv: Inventory) -> str:
@@ -166,6 +182,24 @@ async def test_many_confirms_of_one_tick_share_one_fsync(inventories):
     eid = await _event(inv)
     holds = await asyncio.gather(*(_hold(inv, eid, f"c{n}") for n in range(100)))
     inv.settings.wait_aof_timeout_ms = 3000  # an everysec fsync comes within about a second
+    waitaofs = await fsync.stat("commandstats", "cmdstat_waitaof")
     results = await asyncio.gather(*(inv.confirm(eid, h, "pay") for h in holds))
     assert [created for _, created in results] == [True] * 100
     assert len({order["order_id"] for order, _ in results}) == 100
+    assert await fsync.stat("commandstats", "cmdstat_waitaof") - waitaofs < 10  # not one per confirm
+
+
+async def test_while_the_disk_stalls_ticks_wait_side_by_side(inventories):
+    """A blocked WAITAOF blocks its connection: the next ticks' confirms must not queue behind it."""
+    (inv, _), fsync = inventories
+    eid = await _event(inv)
+    holds = [await _hold(inv, eid, f"s{n}") for n in range(4)]
+    inv.settings.wait_aof_timeout_ms = 1500
+    confirms = []
+    for hold_id in holds:  # one confirm per event-loop tick (and more)
+        confirms.append(asyncio.ensure_future(inv.confirm(eid, hold_id, "pay")))
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    assert await fsync.stat("clients", "blocked_clients") >= 2  # WAITAOFs blocked at once, not queued
+    for result in await asyncio.gather(*confirms, return_exceptions=True):
+        assert isinstance(result, DomainError) and result.details.get("reason") == "aof_fsync_timeout"

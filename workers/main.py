@@ -74,7 +74,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     except TimeoutError:
         ctx["pg"].terminate()
     await ctx["outbox"].aclose()
-    ctx["inventory"].close()
+    await ctx["inventory"].aclose()
     await ctx["redis_client"].aclose()
     log.info("worker stopped")
 
@@ -138,7 +138,7 @@ async def _reconcile_alone(cron_reconcile, settings: Settings) -> Any:
         return await cron_reconcile(ctx)
     finally:
         await pg.close()
-        inventory.close()
+        await inventory.aclose()
         await client.aclose()
 
 
