@@ -108,46 +108,77 @@ def _cluster_ports(n: int) -> list[int]:
     return ports
 
 
+def _start_cluster_nodes(
+    workdir: str, masters: int, binary: str | None, args: tuple[str, ...], deadline: float
+) -> tuple[list[int], list[subprocess.Popen]]:
+    """Start ``masters`` cluster-enabled servers, each in a folder of its own, and wait for their PING.
+    Raises RuntimeError (after stopping them) if one exits first (e.g. its port was taken meanwhile)."""
+    ports = _cluster_ports(masters)
+    procs = []
+    try:
+        for p in ports:
+            folder = os.path.join(workdir, str(p))  # its nodes.conf and, with an AOF, its appendonlydir
+            os.mkdir(folder)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        binary or redis_server_binary(),
+                        "--port",
+                        str(p),
+                        "--bind",
+                        "127.0.0.1",
+                        "--dir",
+                        folder,
+                    ]
+                    + ["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"]
+                    + ["--cluster-config-file", "nodes.conf", *args],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for p, proc in zip(ports, procs, strict=True):
+            while True:
+                try:
+                    redis.Redis(port=p, socket_connect_timeout=0.5).ping()
+                    break
+                except redis.ConnectionError:
+                    if proc.poll() is not None:
+                        raise RuntimeError(
+                            f"cluster node on port {p} exited with {proc.returncode}"
+                        ) from None
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cluster node on port {p} did not start") from None
+                    time.sleep(0.05)
+    except BaseException:
+        for proc in procs:
+            stop_process(proc)
+        raise
+    return ports, procs
+
+
 @contextlib.contextmanager
 def throwaway_cluster(
     masters: int = 3, *, binary: str | None = None, args: tuple[str, ...] = (), timeout_seconds: float = 30.0
 ) -> Iterator[str]:
     """A private Redis Cluster of ``masters`` primaries (no replicas) on free loopback ports, in a temp dir;
     yields one node's URL and stops them all after. ``binary`` and ``args`` as in ``throwaway_redis``; the
-    cluster is made with ``redis-cli --cluster create``. Raises RuntimeError if it is not up in time."""
+    cluster is made with ``redis-cli --cluster create``. A node that exits at start (a port taken between
+    the check and the start, by another process) makes it try new ports, three times in all. Raises
+    RuntimeError if it is not up in time."""
     workdir = tempfile.mkdtemp(prefix="boxoffice-cluster-")
-    ports = _cluster_ports(masters)
-    procs = [
-        subprocess.Popen(
-            [
-                binary or redis_server_binary(),
-                *("--port", str(p), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""),
-                *(
-                    "--appendonly",
-                    "no",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    f"nodes-{p}.conf",
-                ),
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for p in ports
-    ]
+    deadline = time.monotonic() + timeout_seconds
+    procs: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + timeout_seconds
-        for p in ports:
-            while True:
-                try:
-                    redis.Redis(port=p, socket_connect_timeout=0.5).ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"cluster node on port {p} did not start") from None
-                    time.sleep(0.05)
+        for attempt in range(3):
+            try:
+                os.mkdir(os.path.join(workdir, str(attempt)))
+                ports, procs = _start_cluster_nodes(
+                    os.path.join(workdir, str(attempt)), masters, binary, args, deadline
+                )
+                break
+            except RuntimeError:
+                if attempt == 2 or time.monotonic() > deadline:
+                    raise
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
             + ["--cluster-replicas", "0", "--cluster-yes"],
