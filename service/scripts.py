@@ -91,15 +91,17 @@ class ScriptRunner:
         self._durable_queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []  # no pipe
         self._durable_queue_loop: asyncio.AbstractEventLoop | None = None
         self._slots: SlotClients | None = None  # Redis Cluster: per-node clients for durable calls
+        self._closed = False  # close() ran: durable calls fail rather than open clients nobody closes
 
     def close(self) -> None:
         """Close the auto-pipeline connections (the client's pool is the caller's to close). Per-node clients
         of durable calls on a Redis Cluster are closed by ``aclose`` (here only if a loop runs)."""
+        self._closed = True
         if self.pipe is not None:
             self.pipe.close()
         for pipe in self._durable_pipes:
             pipe.close()
-        self._durable_pipes = {}
+        self._durable_pipes, self._durable_tick = {}, None
         slots, self._slots = self._slots, None
         if slots is not None:
             with contextlib.suppress(RuntimeError):  # no running loop: they close with the process
@@ -156,11 +158,13 @@ class ScriptRunner:
         group commit); a tick takes a connection with no WAITAOF outstanding, opening one if need be (at most
         ``DURABLE_CONNECTIONS``), so that while the disk is slow the ticks wait side by side, not one behind
         the other. Otherwise the tick's calls go out as one redis-py pipeline with one WAITAOF after them
-        per server: on a Redis Cluster, one plain pipeline per node (``SlotClients``), whose retry after a
-        connection error sends the same commands to the same node again. A NOSCRIPT reply loads the script
-        and sends the call and a WAITAOF again, once. Raises redis.exceptions.RedisError (e.g.
+        per server: on a Redis Cluster, one plain pipeline per node (``SlotClients``), where a connection
+        error fails that node's calls (no retry). A NOSCRIPT reply loads the script and sends the call and a
+        WAITAOF again, once. After ``close``, durable calls fail with ConnectionError. Raises redis.exceptions.RedisError (e.g.
         ConnectionError: whether the script ran is unknown; scripts are idempotent, so it may be sent again).
         """
+        if self._closed:
+            raise RedisConnectionError("the script runner is closed")
         script = self.scripts[name]
         for attempt in (1, 2):
             try:
@@ -267,35 +271,45 @@ class ScriptRunner:
         batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]],
         wait: tuple[int, int, int],
     ) -> None:
-        """Redis Cluster: the tick's durable calls grouped by the node that owns their first key."""
+        """Redis Cluster: the tick's durable calls grouped by the node that owns their first key, each group
+        on a plain client of that node (``SlotClients``), never through redis-py's cluster pipeline (which,
+        sending the whole pipeline again after a connection error, routes the WAITAOF to another node)."""
         assert isinstance(self.client, RedisCluster)
-        if self._slots is None:
-            self._slots = SlotClients(self.client)
         try:
+            if self._closed:
+                raise RedisConnectionError("the script runner is closed")
+            if self._slots is None:
+                self._slots = SlotClients(self.client)
+            slots = self._slots
             await self.client.initialize()  # the slot map (a no-op once read)
             by_node: dict[str, list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]]] = {}
             for call in batch:
                 by_node.setdefault(self.client.get_node_from_key(call[1][0]).name, []).append(call)
+            clients = [await slots.for_key(calls[0][1][0]) for calls in by_node.values()]
         except Exception as exc:
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        await asyncio.gather(*(self._send_durable(calls, wait) for calls in by_node.values()))
+        await asyncio.gather(
+            *(self._send_durable(calls, wait, c) for calls, c in zip(by_node.values(), clients, strict=True))
+        )
 
     async def _send_durable(
         self,
         batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]],
         wait: tuple[int, int, int],
+        client: aioredis.Redis | None = None,
     ) -> None:
-        """One redis-py pipeline for durable calls to one server: their EVALSHAs, then one WAITAOF. On a Redis
-        Cluster, ``batch`` holds the calls of one node, sent on a plain client of that node (``SlotClients``);
-        a call whose slot moved meanwhile is answered MOVED (503), never followed. Each caller's future gets
-        (reply, the WAITAOF reply)."""
+        """One redis-py pipeline for durable calls to one server (``client``, else the runner's single-server
+        client): their EVALSHAs, then one WAITAOF. On a Redis Cluster, ``batch`` holds the calls of one node
+        and ``client`` is that node's; a call whose slot moved meanwhile is answered MOVED (503), never
+        followed. Each caller's future gets (reply, the WAITAOF reply)."""
         try:
-            client = self.client
-            if self._slots is not None:
-                client = await self._slots.for_key(batch[0][1][0])
+            if client is None:
+                if isinstance(self.client, RedisCluster):  # never: by node only (_send_durable_by_node)
+                    raise RedisConnectionError("durable calls on a Redis Cluster go through a node's client")
+                client = self.client
             async with client.pipeline(transaction=False) as pipe:
                 for script, keys, args, _ in batch:
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _wait_aof_within_socket_timeout(self) -> Settings:
-        if self.wait_aof_timeout_ms >= self.redis_socket_timeout_seconds * 1000:
+        if self.wait_aof and self.wait_aof_timeout_ms >= self.redis_socket_timeout_seconds * 1000:
             raise ValueError(
                 f"wait_aof_timeout_ms ({self.wait_aof_timeout_ms}) must be below redis_socket_timeout_seconds "
                 f"({self.redis_socket_timeout_seconds:g} s): a connection that waits longer is given up as stalled"

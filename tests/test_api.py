@@ -309,6 +309,18 @@ async def test_wait_aof_is_switched_off_on_servers_without_it(settings, redis):
         assert app.state.settings.wait_aof is expect
 
 
+def test_the_wait_aof_timeout_must_be_below_the_socket_timeout():
+    """A WAITAOF that blocks longer than the socket timeout would get its connection dropped as stalled."""
+    import pydantic
+
+    from service.settings import Settings
+
+    assert Settings(redis_socket_timeout_seconds=1).wait_aof_timeout_ms == 1000  # WAIT_AOF off: no limit
+    with pytest.raises(pydantic.ValidationError, match="wait_aof_timeout_ms"):
+        Settings(wait_aof=True, redis_socket_timeout_seconds=1)
+    assert Settings(wait_aof=True, redis_socket_timeout_seconds=1, wait_aof_timeout_ms=500).wait_aof
+
+
 async def test_control_characters_are_refused_before_they_reach_an_order(client, make_event):
     """PostgreSQL text cannot hold NUL: such an order would be confirmed in Redis and refused later."""
     eid = (await make_event())["event_id"]

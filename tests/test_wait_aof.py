@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 from conftest import new_event_id
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadtests.local import throwaway_cluster, throwaway_redis
 from service.app import redis_client
@@ -203,3 +204,21 @@ async def test_while_the_disk_stalls_ticks_wait_side_by_side(inventories):
     assert await fsync.stat("clients", "blocked_clients") >= 2  # WAITAOFs blocked at once, not queued
     for result in await asyncio.gather(*confirms, return_exceptions=True):
         assert isinstance(result, DomainError) and result.details.get("reason") == "aof_fsync_timeout"
+
+
+async def test_closing_mid_confirm_never_acknowledges(inventories):
+    """A shutdown that closes the runner while a confirm is on its way: an error, never a durable 201."""
+    (inv, _), _ = inventories
+    eid = await _event(inv)
+    holds = [await _hold(inv, eid, f"x{n}") for n in range(3)]
+    for hold_id in holds:
+        task = asyncio.ensure_future(inv.confirm(eid, hold_id, "pay"))
+        for _ in range(holds.index(hold_id)):  # close at different points of the call's way
+            await asyncio.sleep(0)
+        inv.runner.close()
+        [result] = await asyncio.gather(task, return_exceptions=True)
+        assert isinstance(result, Exception), result
+        if isinstance(result, DomainError):
+            assert result.details.get("reason") == "aof_fsync_timeout"
+    with pytest.raises(RedisConnectionError):  # closed stays closed
+        await inv.confirm(eid, holds[0], "pay")
