@@ -32,7 +32,7 @@ from service.inventory import Inventory
 from service.rebuild import rebuild_event
 from service.settings import Settings
 from service.slots import SlotClients
-from workers.reconcile import reconcile_event
+from workers.reconcile import cron_reconcile, reconcile_event
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
@@ -168,27 +168,49 @@ async def test_slot_clients_reach_the_owner_of_the_slot(scratch):
     await single.aclose()
 
 
+async def connected_clients(cluster: RedisCluster) -> int:
+    """Clients connected to the cluster's primaries (each count's own connection included)."""
+    await cluster.initialize()
+    return sum(len(redis.Redis(port=n.port).client_list()) for n in cluster.get_primaries())
+
+
 async def test_slot_clients_close_their_connections(scratch):
     _, inventory, _, _, _ = scratch
     cluster = inventory.client
-    await cluster.initialize()
-    ports = [node.port for node in cluster.get_primaries()]
 
-    def connected() -> int:
-        return sum(len(redis.Redis(port=p).client_list()) for p in ports)  # the calling client included
+    async def connected() -> int:
+        return await connected_clients(cluster)
 
-    before = connected()
+    before = await connected()
     for _ in range(3):
         slots = SlotClients(cluster)
         eids = [new_event_id("close") for _ in range(12)]
         nodes = [await slots.for_key(keys.meta(e)) for e in eids]
         await asyncio.gather(*(n.set(keys.meta(e), "1") for n, e in zip(nodes, eids, strict=True)))
-        assert connected() > before
+        assert await connected() > before
         for e in eids:
             await cluster.delete(keys.meta(e))
         await slots.aclose()
     await asyncio.sleep(0.2)
-    assert connected() == before
+    assert await connected() == before
+
+
+async def test_cron_reconcile_on_redis_cluster(scratch):
+    """The worker's reconcile job over events on every node: clean, and its node connections closed after."""
+    client, inventory, pg, settings, write_through = scratch
+    events = await one_event_per_node(client, inventory)
+    for eid in events:
+        await buy(client, eid, "c-1", ga=1, seats=["A1"])
+        await write_through(eid)
+    before = await connected_clients(inventory.client)
+    result = await cron_reconcile({"settings": settings, "inventory": inventory, "pg": pg})
+    assert result["events"] >= len(events)
+    for eid in events:
+        assert (
+            await reconcile_event(inventory.client, pg, inventory, eid, repair=False, settings=settings)
+        ).clean
+    await asyncio.sleep(0.2)
+    assert await connected_clients(inventory.client) == before
 
 
 async def test_many_calls_per_tick_on_few_connections_per_node(cluster_url):

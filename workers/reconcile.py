@@ -1037,15 +1037,19 @@ async def reconcile_event(
     *,
     repair: bool,
     settings: Settings,
+    slots: SlotClients | None = None,
 ) -> EventReport:
     """Compare one event's Redis inventory with PostgreSQL; with ``repair``, fix what is safe and check again.
 
-    ``redis`` is our client (``service.app.redis_client``, bytes replies), ``pg`` an asyncpg pool. Returns the
+    ``redis`` is our client (``service.app.redis_client``, bytes replies), ``pg`` an asyncpg pool; ``slots``
+    the caller's ``SlotClients(redis)`` when it checks many events (on a Redis Cluster, one connection per
+    node for the whole run rather than per event), else one is made and closed here. Returns the
     report (after a repair: the re-check, with ``repaired`` and ``drifts_before``). Raises
     DomainError(event_not_found) if neither store knows the event; Redis and PostgreSQL errors propagate (a
     repair that fails half-way leaves the event paused: run it again, every step is idempotent).
     """
-    slots = SlotClients(redis)
+    own_slots = slots is None
+    slots = slots or SlotClients(redis)
     try:
         # On a Redis Cluster: a plain client on the node that owns the event's slot, for the MULTI / WATCH
         # snapshots and repairs below (every key they touch is the event's). The scripts go through
@@ -1062,7 +1066,8 @@ async def reconcile_event(
         actions += await _repair(node, pg, inventory, event_id, settings, report, findings)
         after, _ = await _check(node, pg, event_id, settings)
     finally:
-        await slots.aclose()
+        if own_slots:
+            await slots.aclose()
     if was_on_sale:
         if any(d.kind in OVERSELL_RISK for d in after.drifts):
             actions.append("left the sale paused: drift that risks an oversell remains")
@@ -1096,14 +1101,28 @@ async def cron_reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     inventory: Inventory = ctx["inventory"]
     pg: asyncpg.Pool = ctx["pg"]
     checked = drifting = 0
-    for event_id in await all_event_ids(inventory, pg):
-        try:
-            report = await reconcile_event(
-                inventory.client, pg, inventory, event_id, repair=False, settings=settings
-            )
-        except Exception:
-            log.exception("reconciliation of event %s failed", event_id)
-            continue
+    slots = SlotClients(inventory.client)
+    try:
+        reports = []
+        for event_id in await all_event_ids(inventory, pg):
+            try:
+                reports.append(
+                    await reconcile_event(
+                        inventory.client,
+                        pg,
+                        inventory,
+                        event_id,
+                        repair=False,
+                        settings=settings,
+                        slots=slots,
+                    )
+                )
+            except Exception:
+                log.exception("reconciliation of event %s failed", event_id)
+    finally:
+        await slots.aclose()
+    for report in reports:
+        event_id = report.event_id
         checked += 1
         export_metrics(report)
         if report.drifts:
@@ -1142,6 +1161,7 @@ async def _cli(settings: Settings, *, event_id: str | None, repair: bool, as_jso
     client = redis_client(settings.redis_url, settings)
     pool = await db.create_pool(settings.database_url)
     inventory = Inventory(client, settings)
+    slots = SlotClients(client)
     reports: list[EventReport] = []
     try:
         ids = [event_id] if event_id else await all_event_ids(inventory, pool)
@@ -1151,13 +1171,16 @@ async def _cli(settings: Settings, *, event_id: str | None, repair: bool, as_jso
                 progress.update(task, description=f"reconciling {eid}")
                 try:
                     reports.append(
-                        await reconcile_event(client, pool, inventory, eid, repair=repair, settings=settings)
+                        await reconcile_event(
+                            client, pool, inventory, eid, repair=repair, settings=settings, slots=slots
+                        )
                     )
                 except DomainError as exc:
                     err.print(f"{eid}: {exc.message}")
                     return 2
                 progress.advance(task)
     finally:
+        await slots.aclose()
         await pool.close()
         inventory.close()
         await client.aclose()
