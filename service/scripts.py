@@ -30,8 +30,8 @@ import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.autopipeline import AutoPipeline
@@ -163,10 +163,10 @@ class ScriptRunner:
         WAITAOF again, once. After ``close``, durable calls fail with ConnectionError. Raises redis.exceptions.RedisError (e.g.
         ConnectionError: whether the script ran is unknown; scripts are idempotent, so it may be sent again).
         """
-        if self._closed:
-            raise RedisConnectionError("the script runner is closed")
         script = self.scripts[name]
         for attempt in (1, 2):
+            if self._closed:  # checked again after a NOSCRIPT reload: close() may have come meanwhile
+                raise RedisConnectionError("the script runner is closed")
             try:
                 if self._pipe_kwargs is not None:
                     reply, waited = await self._run_durable_pipelined(script, keys, args, wait)
@@ -320,6 +320,14 @@ class ScriptRunner:
                 if not fut.done():
                     fut.set_exception(exc)
             return
+        if isinstance(self.client, RedisCluster) and any(
+            isinstance(r, MovedError | AskError) for r in results
+        ):
+            # A slot that moved is answered MOVED here and never followed. Read the slot map again before
+            # answering, so that the caller's retry goes to the new owner (redis-py does this by itself only
+            # for the commands it redirects).
+            with contextlib.suppress(Exception):  # if it fails, the next MOVED tries again
+                await self.client.nodes_manager.initialize()
         waited = results[-1]
         for (_, _, _, fut), reply in zip(batch, results[:-1], strict=True):
             if fut.done():

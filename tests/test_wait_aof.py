@@ -23,8 +23,10 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import new_event_id
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError
 
 from loadtests.local import throwaway_cluster, throwaway_redis
+from service import keys
 from service.app import redis_client
 from service.domain import EventSpec, HoldRequest
 from service.errors import DomainError
@@ -222,3 +224,51 @@ async def test_closing_mid_confirm_never_acknowledges(inventories):
             assert result.details.get("reason") == "aof_fsync_timeout"
     with pytest.raises(RedisConnectionError):  # closed stays closed
         await inv.confirm(eid, holds[0], "pay")
+
+
+async def test_a_durable_confirm_follows_a_slot_that_moved(aof_cluster_url):
+    """Durable calls go to a node's own client and never follow MOVED; the answer is an error (503), and the
+    next call, the client's retry, goes to the slot's new owner."""
+    settings = Settings(
+        redis_url=aof_cluster_url,
+        database_url="postgresql://unused",
+        wait_aof=True,
+        wait_aof_timeout_ms=100,
+        redis_cluster=True,
+    )
+    client = redis_client(aof_cluster_url, settings)
+    inv = Inventory(client, settings)
+    await inv.runner.load()
+    eid = await _event(inv)
+    first, second = [await _hold(inv, eid, f"m{n}") for n in range(2)]
+    await client.initialize()
+    nodes = {n.name: aioredis.Redis(host=n.host, port=n.port) for n in client.get_primaries()}
+    fsync = Fsync([f"redis://{n.host}:{n.port}/0" for n in client.get_primaries()])
+    try:
+        await fsync.set("always")
+        order, _ = await inv.confirm(eid, first, "pay")  # the node's client is open now
+        # Move the event's slot, with its keys, to another node (what a resharding does).
+        slot = client.keyslot(keys.meta(eid))
+        src_node = client.get_node_from_key(keys.meta(eid))
+        dst_node = next(n for n in client.get_primaries() if n.name != src_node.name)
+        src, dst = nodes[src_node.name], nodes[dst_node.name]
+        src_id, dst_id = [await c.execute_command("CLUSTER", "MYID") for c in (src, dst)]
+        await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while moving := await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            await src.execute_command("MIGRATE", dst_node.host, dst_node.port, "", 0, 5000, "KEYS", *moving)
+        for node in nodes.values():
+            await node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+        with pytest.raises(MovedError):  # answered 503 by the API (service/app.py)
+            await inv.confirm(eid, second, "pay")
+        order2, created = await inv.confirm(eid, second, "pay")  # the retry reaches the new owner
+        assert created and order2["order_id"] != order["order_id"]
+        assert (await inv.confirm(eid, first, "pay"))[0] == order  # the moved order is still there
+    finally:
+        await fsync.set("no")
+        await fsync.aclose()
+        for node in nodes.values():
+            await node.aclose()
+        await inv.aclose()
+        await client.aclose()
