@@ -139,9 +139,9 @@ def _start_cluster_nodes(
         for p, proc in zip(ports, procs, strict=True):
             while True:
                 try:
-                    redis.Redis(port=p, socket_connect_timeout=0.5).ping()
+                    redis.Redis(port=p, socket_connect_timeout=0.5, socket_timeout=0.5).ping()
                     break
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):  # a port taken by a silent process
                     if proc.poll() is not None:
                         raise RuntimeError(
                             f"cluster node on port {p} exited with {proc.returncode}"
@@ -186,7 +186,9 @@ def throwaway_cluster(
             capture_output=True,
             timeout=timeout_seconds,
         )
-        while not all(redis.Redis(port=p).cluster("info")["cluster_state"] == "ok" for p in ports):
+        while not all(
+            redis.Redis(port=p, socket_timeout=2).cluster("info")["cluster_state"] == "ok" for p in ports
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster did not reach cluster_state:ok")
             time.sleep(0.05)
