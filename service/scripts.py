@@ -75,23 +75,26 @@ class ScriptRunner:
             and pool is not None
             and AutoPipeline.supports(pool.connection_kwargs, pool.connection_class)
         ):
-            kw = pool.connection_kwargs
-            self.pipe = AutoPipeline(
-                kw,
-                timeout_seconds=kw.get("socket_timeout") or 5.0,
-                connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
-            )
-            self._pipe_kwargs = kw
+            self._pipe_kwargs = pool.connection_kwargs
+            self.pipe = self._new_pipe()
         # Calls that must wait for their own fsync (``run_durable``) go on connections of their own, opened on
         # first use: a WAITAOF blocks its connection, which must not hold up the other calls.
         self._durable_pipes: dict[AutoPipeline, int] = {}  # -> WAITAOFs outstanding on it
-        self._durable_tick: tuple[AutoPipeline, asyncio.Future] | None = (
-            None  # this tick's connection, WAITAOF
-        )
+        # This tick's durable connection and the future of the WAITAOF that will follow its calls there.
+        self._durable_tick: tuple[AutoPipeline, asyncio.Future] | None = None
         self._durable_queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []  # no pipe
         self._durable_queue_loop: asyncio.AbstractEventLoop | None = None
         self._slots: SlotClients | None = None  # Redis Cluster: per-node clients for durable calls
         self._closed = False  # close() ran: durable calls fail rather than open clients nobody closes
+
+    def _new_pipe(self) -> AutoPipeline:
+        kw = self._pipe_kwargs
+        assert kw is not None
+        return AutoPipeline(
+            kw,
+            timeout_seconds=kw.get("socket_timeout") or 5.0,
+            connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
+        )
 
     def close(self) -> None:
         """Close the auto-pipeline connections (the client's pool is the caller's to close). Per-node clients
@@ -160,8 +163,10 @@ class ScriptRunner:
         the other. Otherwise the tick's calls go out as one redis-py pipeline with one WAITAOF after them
         per server: on a Redis Cluster, one plain pipeline per node (``SlotClients``), where a connection
         error fails that node's calls (no retry). A NOSCRIPT reply loads the script and sends the call and a
-        WAITAOF again, once. After ``close``, durable calls fail with ConnectionError. Raises redis.exceptions.RedisError (e.g.
-        ConnectionError: whether the script ran is unknown; scripts are idempotent, so it may be sent again).
+        WAITAOF again, once. After ``close``, durable calls fail with ConnectionError.
+
+        Raises redis.exceptions.RedisError (e.g. ConnectionError: whether the script ran is unknown; scripts
+        are idempotent, so the caller may send it again; MovedError: the slot moved, nothing ran).
         """
         script = self.scripts[name]
         for attempt in (1, 2):
@@ -190,13 +195,7 @@ class ScriptRunner:
         if idle is not None:
             return idle
         if len(pipes) < DURABLE_CONNECTIONS:
-            kw = self._pipe_kwargs
-            assert kw is not None
-            pipe = AutoPipeline(
-                kw,
-                timeout_seconds=kw.get("socket_timeout") or 5.0,
-                connect_timeout_seconds=kw.get("socket_connect_timeout") or 2.0,
-            )
+            pipe = self._new_pipe()
             pipes[pipe] = 0
             return pipe
         return min(pipes, key=pipes.__getitem__)
