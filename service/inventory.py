@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from service import keys
 from service.domain import EVENT_ON_SALE, HOLD_ACTIVE, EventSpec, HoldRequest
 from service.errors import DomainError
-from service.scripts import ScriptRunner
+from service.scripts import ScriptRunner, only_reply
 from service.settings import Settings
 from service.slots import SlotClients
 
@@ -124,6 +124,9 @@ class Inventory:
     async def confirm(self, event_id: str, hold_id: str, payment_ref: str) -> tuple[dict, bool]:
         """Confirm a hold. Returns (order, created); created is False for a repeat.
 
+        The confirms of one event and event-loop tick are one script call (``ScriptRunner.batched``,
+        ``lua/confirm.lua``), each with its own reply, as separate calls would be.
+
         With ``wait_aof``, the confirm is followed by ``WAITAOF 1 0 wait_aof_timeout_ms`` on the connection that
         sent it (Redis >= 7.2, https://redis.io/commands/waitaof/; ``ScriptRunner.run_durable``), so the order
         is in the fsynced AOF before this returns. A repeat waits too (the script writes on a repeat as well,
@@ -134,14 +137,18 @@ class Inventory:
         (``aof_fsync_timeout``) if the fsync did not happen within ``wait_aof_timeout_ms``: the order is
         confirmed in Redis, and the client's retry (confirm is idempotent) waits for the fsync again.
         """
-        args = [hold_id, new_id("o"), payment_ref, *self._common()]
+        item = (hold_id, new_id("o"), payment_ref)
         if not self.settings.wait_aof:
-            data = _reply(await self.runner.run("confirm", [keys.meta(event_id)], args))
+            raw = await self.runner.batched("confirm", keys.meta(event_id), [*self._common(), ""], item)
+            data = _reply(raw)
             return data["order"], data["created"]
         raw, fsynced = await self.runner.run_durable(
-            "confirm", [keys.meta(event_id)], [*args, "1"], (1, 0, self.settings.wait_aof_timeout_ms)
+            "confirm",
+            [keys.meta(event_id)],
+            [*self._common(), "1", *item],
+            (1, 0, self.settings.wait_aof_timeout_ms),
         )
-        data = _reply(raw)
+        data = _reply(only_reply(raw))
         if fsynced < 1:
             raise DomainError(
                 "unavailable",

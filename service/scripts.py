@@ -500,10 +500,9 @@ class _Batch:
         for fut, reply in zip(self.futures, replies, strict=True):
             if fut.done():  # its caller was cancelled
                 continue
-            if isinstance(reply, hiredis.ReplyError):
-                fut.set_exception(BaseParser.parse_error(str(reply)))
-            elif isinstance(reply, Exception):  # redis-py's parsers hand nested errors over as exceptions
-                fut.set_exception(reply)
+            error = _item_error(reply)
+            if error is not None:
+                fut.set_exception(error)
             else:
                 fut.set_result(reply)
 
@@ -511,6 +510,27 @@ class _Batch:
         for fut in self.futures:
             if not fut.done():
                 fut.set_exception(exc)
+
+
+def _item_error(reply: Any) -> BaseException | None:
+    """The error of one item's reply in a batched call's array reply, as redis.exceptions.RedisError; or None."""
+    if isinstance(reply, hiredis.ReplyError):
+        return BaseParser.parse_error(str(reply))
+    if isinstance(reply, Exception):  # redis-py's parsers hand nested errors over as exceptions
+        return reply
+    return None
+
+
+def only_reply(replies: Any) -> Any:
+    """The reply of a batched script's call that carried one item (``[reply]``), such as
+    ``ScriptRunner.run_durable`` sends. Raises that item's error reply as redis.exceptions.RedisError, and
+    RedisError if the call did not answer exactly one reply."""
+    if not isinstance(replies, list) or len(replies) != 1:
+        raise RedisError(f"one item sent, reply {replies!r:.200}")
+    error = _item_error(replies[0])
+    if error is not None:
+        raise error
+    return replies[0]
 
 
 def _retrieve(fut: asyncio.Future) -> None:

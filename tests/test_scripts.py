@@ -587,3 +587,117 @@ async def test_a_zone_whose_counters_cannot_be_written_fails_neither_the_call_no
     finally:
         await inv.unload_event(eid)
         inv.close()
+
+
+# Confirms batched per event and event-loop tick (ScriptRunner.batched, lua/confirm.lua) -----------------
+
+
+async def test_confirms_of_one_tick_go_to_redis_as_one_call_per_event(settings):
+    """The confirms an event gets in one tick are one EVALSHA; each gets its own answer, as if they had run
+    one by one: a double click confirms once, and released, expired and unknown holds are refused."""
+    from loadtests.local import throwaway_redis
+
+    with throwaway_redis() as url:  # a private server: nothing else's EVALSHA is counted
+        client = aioredis.Redis.from_url(url)
+        inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused"))
+        eid = new_event_id("cbatch")
+        await inv.load_event(spec(eid, ga=10, seats=4))
+        await inv.runner.load()
+        try:
+            ga, _ = await inv.hold(eid, req(customer="a", ga=3))
+            seated, _ = await inv.hold(eid, req(customer="b", ga=1, seats=["A1", "A2"]))
+            released, _ = await inv.hold(eid, req(customer="c", ga=2))
+            await inv.release(eid, released["hold_id"])
+            expired, _ = await inv.hold(eid, req(customer="d", ttl=1, seats=["A3"]))
+            await asyncio.sleep(1.05)  # runs out; not reaped yet
+            before = await evalsha_calls(client)
+            outcomes = await asyncio.gather(
+                inv.confirm(eid, ga["hold_id"], "pay-1"),
+                inv.confirm(eid, ga["hold_id"], "pay-2"),  # a double click in the same tick
+                inv.confirm(eid, seated["hold_id"], "pay-3"),
+                inv.confirm(eid, released["hold_id"], "pay-4"),
+                inv.confirm(eid, expired["hold_id"], "pay-5"),
+                inv.confirm(eid, "h_nope", "pay-6"),
+                return_exceptions=True,
+            )
+            assert await evalsha_calls(client) - before == 1
+            (first, created1), (again, created2), (order, created3) = outcomes[:3]
+            assert (created1, created2, created3) == (True, False, True)
+            assert again == first and first["payment_ref"] == "pay-1" and first["hold_id"] == ga["hold_id"]
+            assert order["items"] == seated["items"] and order["amount_cents"] == seated["amount_cents"]
+            assert [o.code for o in outcomes[3:]] == ["hold_released", "hold_expired", "hold_not_found"]
+            z = await zones(inv, eid)
+            assert (z["ga"]["held"], z["ga"]["sold"], z["ga"]["available"]) == (0, 4, 6)
+            assert (z["s"]["held"], z["s"]["sold"], z["s"]["available"]) == (0, 2, 2)  # A3 came back
+            entries = await client.xrange(keys.outbox(eid))
+            assert [orjson.loads(f[b"order"]) for _, f in entries] == [first, order]  # the replies' orders
+            owners = await client.hgetall(keys.owners(eid, "s"))
+            assert owners == {
+                b"A1": f"s:{order['order_id']}".encode(),
+                b"A2": f"s:{order['order_id']}".encode(),
+            }
+            assert await inv.find_order(eid, first["order_id"]) == first
+        finally:
+            await inv.unload_event(eid)
+            inv.close()
+            await client.aclose()
+
+
+async def test_a_confirm_that_fails_inside_redis_does_not_fail_its_batch(any_redis):
+    """One confirm the script cannot run (here: a hold record whose items are not JSON) answers its own
+    error; the confirms before and after it in the same call stand, and their stock is counted as sold."""
+    from redis.exceptions import ResponseError
+
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("cbatchfail")
+    await inv.load_event(spec(eid))
+    try:
+        holds = [
+            h
+            for h, _ in await asyncio.gather(*(inv.hold(eid, req(customer=f"c{i}", ga=2)) for i in range(3)))
+        ]
+        await any_redis.hset(keys.hold(eid, holds[1]["hold_id"]), "items", "not json")
+        meta, common = keys.meta(eid), [*inv._common(), ""]
+        results = await asyncio.gather(
+            *(
+                inv.runner.batched("confirm", meta, common, (h["hold_id"], f"o_{i}", "pay"))
+                for i, h in enumerate(holds)
+            ),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], ResponseError)
+        assert [orjson.loads(results[i])["order"]["order_id"] for i in (0, 2)] == ["o_0", "o_2"]
+        raw = await any_redis.hgetall(keys.zone(eid, "ga"))
+        assert (int(raw[b"held"]), int(raw[b"sold"])) == (2, 4)
+        assert len(await any_redis.xrange(keys.outbox(eid))) == 2
+    finally:
+        await inv.unload_event(eid)
+        inv.close()
+
+
+async def test_without_auto_pipelining_each_confirm_is_its_own_call(settings):
+    from loadtests.local import throwaway_redis
+
+    with throwaway_redis() as url:
+        client = aioredis.Redis.from_url(url)
+        inv = Inventory(
+            client, Settings(redis_url=url, database_url="postgresql://unused", auto_pipeline=False)
+        )
+        eid = new_event_id("cnobatch")
+        await inv.load_event(spec(eid))
+        await inv.runner.load()
+        try:
+            holds = [
+                h
+                for h, _ in await asyncio.gather(
+                    *(inv.hold(eid, req(customer=f"c{i}", ga=1)) for i in range(3))
+                )
+            ]
+            before = await evalsha_calls(client)
+            confirmed = await asyncio.gather(*(inv.confirm(eid, h["hold_id"], "pay") for h in holds))
+            assert await evalsha_calls(client) - before == 3
+            assert all(created for _, created in confirmed)
+            assert (await zones(inv, eid))["ga"]["sold"] == 3
+        finally:
+            await inv.unload_event(eid)
+            await client.aclose()
