@@ -71,11 +71,14 @@ local function confirm(hold_id, order_id, payment_ref)
   if status == 'expired' then return fail('hold_expired', { expires_at_ms = hold.expires_at_ms }) end
   if status == 'released' then return fail('hold_released') end
 
-  move_stock(prefix, hold.items, 'held', 'sold', 's:' .. order_id, nil, moved)
+  -- The hold's record first: if Redis refuses this confirm's first write (out of memory, it refuses a
+  -- script's writes until one succeeds), nothing of it may wait in `moved`, which the end of the call
+  -- writes once another confirm of the call has written something.
   local hkey = prefix .. 'hold:' .. hold_id
   local now_s = int(now)
   redis.call('HSET', hkey, 'status', 'confirmed', 'order_id', order_id, 'payment_ref', payment_ref,
     'confirmed_at_ms', now_s, 'ended_at_ms', now_s)
+  move_stock(prefix, hold.items, 'held', 'sold', 's:' .. order_id, nil, moved)
   redis.call('EXPIRE', hkey, int(retention))
   redis.call('ZREM', expiry_key, hold_id)
   redis.call('SET', prefix .. 'order:' .. order_id, hold_id, 'EX', int(retention))

@@ -701,3 +701,47 @@ async def test_without_auto_pipelining_each_confirm_is_its_own_call(settings):
         finally:
             await inv.unload_event(eid)
             await client.aclose()
+
+
+async def test_a_confirm_refused_for_memory_moves_no_stock_even_when_its_call_writes_later(settings):
+    """Out of memory, Redis refuses a script's writes until one succeeds. A confirm whose first write is
+    refused must leave no ticket counted as sold, even when a later confirm of the same call does write
+    (here: it settles an expired hold that the call's reaping did not see, whose ZREM Redis allows)."""
+    from redis.exceptions import OutOfMemoryError
+
+    from loadtests.local import throwaway_redis
+
+    with throwaway_redis() as url:
+        client = aioredis.Redis.from_url(url)
+        inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused"))
+        eid = new_event_id("oom")
+        await inv.load_event(spec(eid, ga=10))
+        await inv.runner.load()
+        try:
+            paid, _ = await inv.hold(eid, req(customer="a", ga=2))
+            lapsed, _ = await inv.hold(eid, req(customer="x", ttl=1, ga=1))
+            await client.zrem(keys.expiry(eid), lapsed["hold_id"])  # not in the reaping queue
+            await asyncio.sleep(1.05)
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", int((await client.info("memory"))["used_memory"]) - 100_000)
+            try:
+                outcomes = await asyncio.gather(
+                    inv.confirm(eid, paid["hold_id"], "pay"),
+                    inv.confirm(eid, lapsed["hold_id"], "pay"),
+                    return_exceptions=True,
+                )
+            finally:
+                await client.config_set("maxmemory", 0)
+            assert isinstance(outcomes[0], OutOfMemoryError)
+            assert isinstance(outcomes[1], DomainError) and outcomes[1].code == "hold_expired"
+            assert (await inv.get_hold(eid, paid["hold_id"]))["status"] == "active"
+            z = (await zones(inv, eid))["ga"]
+            assert (z["available"], z["held"], z["sold"]) == (8, 2, 0)
+            assert await client.xlen(keys.outbox(eid)) == 0
+            assert await inv.release(eid, paid["hold_id"]) == "released"
+            z = (await zones(inv, eid))["ga"]
+            assert (z["available"], z["held"], z["sold"]) == (10, 0, 0)
+        finally:
+            await inv.unload_event(eid)
+            inv.close()
+            await client.aclose()
