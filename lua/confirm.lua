@@ -95,18 +95,8 @@ end
 local replies = {}
 for i = 4, #ARGV, 3 do
   local ok, reply = pcall(confirm, ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  if not ok then
-    reply = { err = type(reply) == 'table' and reply.err or tostring(reply) }
-  end
+  if not ok then reply = error_reply(reply) end
   replies[#replies + 1] = reply
 end
--- As in hold.lua: a zone whose counters cannot be written (only if they were corrupted, not integers)
--- must not fail the whole call, nor keep the other zones' counters from being written.
-while next(moved) do
-  local ok, err = pcall(write_moved, prefix, moved, 'held', 'sold')
-  if not ok then
-    redis.log(redis.LOG_WARNING, 'confirm: zone counters of ' .. prefix .. ' not written: ' ..
-      (type(err) == 'table' and tostring(err.err) or tostring(err)))
-  end
-end
+write_all_moved('confirm', prefix, moved, 'held', 'sold')
 return replies

@@ -204,19 +204,9 @@ end
 local replies = {}
 for i = 3, #ARGV, 5 do
   local ok, reply = pcall(hold, ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4])
-  if not ok then
-    reply = { err = type(reply) == 'table' and reply.err or tostring(reply) }
-  end
+  if not ok then reply = error_reply(reply) end
   replies[#replies + 1] = reply
 end
--- The holds above are answered and written: a zone whose counters cannot be written now (only if they
--- were corrupted, not integers) must not fail the whole call, nor keep the other zones' counters from
--- being written. write_moved clears each zone before writing it, so every round drops at least one.
-while next(moved) do
-  local ok, err = pcall(write_moved, prefix, moved, 'available', 'held')
-  if not ok then
-    redis.log(redis.LOG_WARNING, 'hold: zone counters of ' .. prefix .. ' not written: ' ..
-      (type(err) == 'table' and tostring(err.err) or tostring(err)))
-  end
-end
+-- The holds above are answered and written: now the zones' counters.
+write_all_moved('hold', prefix, moved, 'available', 'held')
 return replies

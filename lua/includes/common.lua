@@ -111,6 +111,26 @@ local function write_moved(prefix, moved, from, to)
   end
 end
 
+-- The error reply standing in for one item of a batched call whose own run failed (pcall's error value:
+-- a Redis error reply as a table, or a Lua error as a string).
+local function error_reply(err)
+  return { err = type(err) == 'table' and err.err or tostring(err) }
+end
+
+-- At the end of a batched call, once every item is answered and written: write what `moved` holds. A zone
+-- whose counters cannot be written (only if they were corrupted, not integers) must not fail the whole
+-- call, nor keep the other zones' counters from being written; write_moved clears each zone before
+-- writing it, so every round drops at least one. `script` names the caller in Redis' log.
+local function write_all_moved(script, prefix, moved, from, to)
+  while next(moved) do
+    local ok, err = pcall(write_moved, prefix, moved, from, to)
+    if not ok then
+      redis.log(redis.LOG_WARNING, script .. ': zone counters of ' .. prefix .. ' not written: ' ..
+        (type(err) == 'table' and tostring(err.err) or tostring(err)))
+    end
+  end
+end
+
 -- End an active hold as "released" or "expired": its stock and seats go back, it leaves the expiry set.
 -- Returns true if the hold was active. Anything already terminal is left untouched.
 local function end_hold(prefix, hold_id, status, at_ms, retention_seconds)
