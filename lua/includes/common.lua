@@ -126,7 +126,7 @@ local function write_all_moved(script, prefix, moved, from, to)
     local ok, err = pcall(write_moved, prefix, moved, from, to)
     if not ok then
       redis.log(redis.LOG_WARNING, script .. ': zone counters of ' .. prefix .. ' not written: ' ..
-        (type(err) == 'table' and tostring(err.err) or tostring(err)))
+        tostring(error_reply(err).err))
     end
   end
 end
