@@ -27,12 +27,15 @@ if not kind then return fail('zone_not_found', { zone_id = zone_id }) end
 if kind ~= 'seated' then return fail('invalid_item', { zone_id = zone_id, reason = 'general-admission zone has no seat map' }) end
 reap(prefix, now_ms(), tonumber(ARGV[7]), tonumber(ARGV[6]))
 
+-- Seats are read by rank, not by score: the catalog's zset never changes after the event is loaded, and
+-- ZRANGE by index answers in the same order as by score without formatting a score per seat, as
+-- ZRANGEBYSCORE ... WITHSCORES did (INFO commandstats, a first page of 100 of 2,000 seats: ~120 -> ~75 us).
 local skey, okey = prefix .. 'seats:' .. zone_id, prefix .. 'owner:' .. zone_id
-local from = '-inf'
+local start = 0  -- rank of the next seat to examine
 if after ~= '' then
-  local pos = redis.call('ZSCORE', skey, after)
-  if not pos then return fail('unknown_seats', { zone_id = zone_id, seats = { after } }) end
-  from = '(' .. pos
+  local rank = redis.call('ZRANK', skey, after)
+  if not rank then return fail('unknown_seats', { zone_id = zone_id, seats = { after } }) end
+  start = rank + 1
 end
 
 -- Without a status filter every seat read is returned, so read just one page (+1 to learn if more follow).
@@ -40,10 +43,8 @@ local chunk = math.min(scan_limit, 500)
 if want == '' then chunk = math.min(limit + 1, 500) end
 local out, scanned, last = {}, 0, nil
 while #out < limit and scanned < scan_limit do
-  local labels = redis.call('ZRANGEBYSCORE', skey, from, '+inf', 'WITHSCORES', 'LIMIT', 0, chunk)
-  if #labels == 0 then return cjson.encode({ seats = out, next = cjson.null }) end
-  local names = {}
-  for i = 1, #labels, 2 do names[#names + 1] = labels[i] end
+  local names = redis.call('ZRANGE', skey, start, start + chunk - 1)
+  if #names == 0 then return cjson.encode({ seats = out, next = cjson.null }) end
   local owners = redis.call('HMGET', okey, unpack(names))
   for i, seat in ipairs(names) do
     local o = owners[i]
@@ -53,7 +54,7 @@ while #out < limit and scanned < scan_limit do
     end
     scanned = scanned + 1
     last = seat
-    from = '(' .. labels[2 * i]
+    start = start + 1
     if want == '' or want == st then
       out[#out + 1] = { seat = seat, status = st }
       if #out >= limit then break end
@@ -62,6 +63,5 @@ while #out < limit and scanned < scan_limit do
   end
 end
 -- Is there anything after `last`?
-local more = redis.call('ZRANGEBYSCORE', skey, from, '+inf', 'LIMIT', 0, 1)
-if #more == 0 then return cjson.encode({ seats = out, next = cjson.null }) end
+if start >= redis.call('ZCARD', skey) then return cjson.encode({ seats = out, next = cjson.null }) end
 return cjson.encode({ seats = out, next = last })

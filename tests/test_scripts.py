@@ -273,6 +273,52 @@ async def test_seat_page(inv):
     assert (await inv.seat_page(eid, "s", "held", "A2", 10))["seats"] == []
 
 
+async def test_seat_pages_walk_a_large_zone_in_catalog_order_for_every_filter(any_redis):
+    """Pages chained by ``next`` give every seat once, in catalog order, with its status, for each filter;
+    across the script's 500-seat reads, at its scan bound of max(20 x limit, 2,000) seats, and ending exactly on
+    the last seat."""
+    inv = Inventory(any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused"))
+    eid = new_event_id("scr")
+    await inv.load_event(spec(eid, seats=2600))  # A1 .. A2600: labels sort differently from catalog order
+    try:
+        catalog = [f"A{i}" for i in range(1, 2601)]
+        status = dict.fromkeys(catalog, "available")
+        held = [f"A{i}" for i in range(7, 2601, 13)]
+        sold = [f"A{i}" for i in range(2101, 2601, 3) if f"A{i}" not in held]  # none in the first 2,000
+        for n, seat in enumerate(held):
+            await inv.hold(eid, req(customer=f"h{n}", seats=[seat]))
+            status[seat] = "held"
+        for n, seat in enumerate(sold):
+            h, _ = await inv.hold(eid, req(customer=f"s{n}", seats=[seat]))
+            await inv.confirm(eid, h["hold_id"], "pi")
+            status[seat] = "sold"
+        cases = [("", 100), ("", 2600), ("", 2599), ("available", 7), ("held", 2), ("sold", 1), ("sold", 300)]
+        for want, limit in cases:
+            got, after, calls = [], "", 0
+            while True:
+                page = await inv.seat_page(eid, "s", want, after, limit)
+                calls += 1
+                assert len(page["seats"]) <= limit
+                got += page["seats"]
+                if page["next"] is None:
+                    break
+                after = page["next"]
+            expected = [{"seat": s, "status": status[s]} for s in catalog if want in ("", status[s])]
+            assert got == expected, (want, limit)
+            if want == "":
+                assert calls == -(-len(catalog) // limit)  # no empty page at the end
+        # A call examines at most max(20 x limit, 2,000) seats; one that found nothing says where it stopped.
+        assert await inv.seat_page(eid, "s", "sold", "", 1) == {"seats": [], "next": "A2000"}
+        page = await inv.seat_page(eid, "s", "held", "A2550", 5)
+        assert page == {
+            "seats": [{"seat": s, "status": "held"} for s in held if int(s[1:]) > 2550],
+            "next": None,
+        }
+        assert await code_of(inv.seat_page(eid, "s", "", "A2601", 5)) == "validation_failed"  # unknown after
+    finally:
+        await inv.unload_event(eid)
+
+
 async def test_sweeper_reap(inv):
     inv, eid = inv
     for i in range(5):
