@@ -22,12 +22,14 @@ from service.slots import SlotClients
 
 SEAT_LOAD_CHUNK = 10_000
 
-# Script error codes that are request-validation problems (422) rather than sale outcomes.
+# Script error codes that are request-validation problems (422) rather than sale outcomes, and the request
+# field each one is about: a hold's body, or the seat-map query.
 _VALIDATION = {
     "invalid_item": "items",
     "unknown_seats": "items",
     "ttl_too_long": "ttl_seconds",
 }
+_SEAT_PAGE_FIELDS = {**_VALIDATION, "invalid_item": "zone_id", "unknown_seats": "after"}
 
 
 _ID_BYTES = 16
@@ -49,13 +51,15 @@ def new_id(kind: str) -> str:
     return f"{kind}_{raw.hex()}"
 
 
-def _reply(raw: bytes | str) -> dict[str, Any]:
+def _reply(raw: bytes | str, fields: dict[str, str] = _VALIDATION) -> dict[str, Any]:
+    """A script's JSON reply as a dict, or its ``{"err": code, "details": {...}}`` raised as DomainError: the codes
+    in ``fields`` as validation_failed (422) naming that request field, the others under their own code."""
     data = orjson.loads(raw)
     err = data.get("err")
     if err is None:
         return data
     details = data.get("details") or {}
-    if err in _VALIDATION:
+    if err in fields:
         messages = {
             "invalid_item": lambda d: f"zone {d['zone_id']}: {d['reason']}",
             "unknown_seats": lambda d: f"zone {d['zone_id']} has no seats {', '.join(d['seats'])}",
@@ -63,7 +67,7 @@ def _reply(raw: bytes | str) -> dict[str, Any]:
         }
         raise DomainError(
             "validation_failed",
-            details={"errors": [{"field": _VALIDATION[err], "message": messages[err](details), **details}]},
+            details={"errors": [{"field": fields[err], "message": messages[err](details), **details}]},
         )
     raise DomainError(err, details=details or None)
 
@@ -172,9 +176,13 @@ class Inventory:
         return _reply(await self.runner.run("availability", [keys.meta(event_id)], self._common()))
 
     async def seat_page(self, event_id: str, zone_id: str, status: str, after: str, limit: int) -> dict:
-        """``{"seats": [{seat, status}], "next": label | None}``; examines at most 20 x limit seats per call."""
+        """``{"seats": [{seat, status}], "next": label | None}``; examines at most max(20 x limit, 2,000) seats per
+        call, so a page may hold fewer than ``limit`` seats and still have a ``next``.
+
+        Raises DomainError: event_not_found, zone_not_found, validation_failed (field ``zone_id``: a
+        general-admission zone; field ``after``: not a seat of the zone)."""
         args = [zone_id, status, after, limit, max(limit * 20, 2000), *self._common()]
-        data = _reply(await self.runner.run("seat_page", [keys.meta(event_id)], args))
+        data = _reply(await self.runner.run("seat_page", [keys.meta(event_id)], args), _SEAT_PAGE_FIELDS)
         if data["seats"] == {}:  # cjson encodes an empty Lua table as an object
             data["seats"] = []
         return data

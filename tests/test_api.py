@@ -200,7 +200,10 @@ async def test_hold_lookups_and_routing_errors(client, make_event):
     err(await client.post(f"/v1/events/{eid}/holds/h_nope/release"), 404, "hold_not_found")
     err(await client.get("/v1/events/nope"), 404, "event_not_found")
     err(await client.get("/v1/events/nope/availability"), 404, "event_not_found")
-    err(await client.get(f"/v1/events/{eid}/zones/floor/seats"), 422, "validation_failed")
+    e = err(await client.get(f"/v1/events/{eid}/zones/floor/seats"), 422, "validation_failed")
+    assert [x["field"] for x in e["details"]["errors"]] == ["zone_id"]  # a seat-map query has no items
+    e = err(await client.get(f"/v1/events/{eid}/zones/sec-101/seats?after=ZZ9"), 422, "validation_failed")
+    assert [(x["field"], x["seats"]) for x in e["details"]["errors"]] == [("after", ["ZZ9"])]
     err(await client.get(f"/v1/events/{eid}/zones/nope/seats"), 404, "zone_not_found")
     err(
         await client.get(f"/v1/events/{eid}/zones/sec-101/seats", params={"limit": "0"}),
