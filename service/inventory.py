@@ -23,13 +23,13 @@ from service.slots import SlotClients
 SEAT_LOAD_CHUNK = 10_000
 
 # Script error codes that are request-validation problems (422) rather than sale outcomes, and the request
-# field each one is about: a hold's body, or the seat-map query.
+# field each one is about: a hold's body, or a seat-map request's path (zone_id) and query (after).
 _VALIDATION = {
     "invalid_item": "items",
     "unknown_seats": "items",
     "ttl_too_long": "ttl_seconds",
 }
-_SEAT_PAGE_FIELDS = {**_VALIDATION, "invalid_item": "zone_id", "unknown_seats": "after"}
+_SEAT_PAGE_FIELDS = {"invalid_item": "zone_id", "unknown_seats": "after"}
 
 
 _ID_BYTES = 16

@@ -292,7 +292,7 @@ async def test_seat_pages_walk_a_large_zone_in_catalog_order_for_every_filter(an
             h, _ = await inv.hold(eid, req(customer=f"s{n}", seats=[seat]))
             await inv.confirm(eid, h["hold_id"], "pi")
             status[seat] = "sold"
-        cases = [("", 100), ("", 2600), ("", 2599), ("available", 7), ("held", 2), ("sold", 1), ("sold", 300)]
+        cases = [("", 100), ("", 2600), ("", 2599), ("available", 7), ("held", 2), ("sold", 1), ("sold", 101)]
         for want, limit in cases:
             got, after, calls = [], "", 0
             while True:
@@ -309,6 +309,7 @@ async def test_seat_pages_walk_a_large_zone_in_catalog_order_for_every_filter(an
                 assert calls == -(-len(catalog) // limit)  # no empty page at the end
         # A call examines at most max(20 x limit, 2,000) seats; one that found nothing says where it stopped.
         assert await inv.seat_page(eid, "s", "sold", "", 1) == {"seats": [], "next": "A2000"}
+        assert await inv.seat_page(eid, "s", "sold", "", 101) == {"seats": [], "next": "A2020"}  # mid-read
         page = await inv.seat_page(eid, "s", "held", "A2550", 5)
         assert page == {
             "seats": [{"seat": s, "status": "held"} for s in held if int(s[1:]) > 2550],
