@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -49,6 +52,23 @@ async def inv(any_redis):
     await inv.load_event(spec(eid))
     yield inv, eid
     await inv.unload_event(eid)
+
+
+@contextlib.asynccontextmanager
+async def private_inventory(**settings: Any) -> AsyncIterator[tuple[aioredis.Redis, Inventory]]:
+    """An Inventory on a throw-away redis-server of the test's own (so nothing else's calls are counted), its
+    scripts loaded; ``settings`` override Settings fields. Client and Inventory are closed afterwards."""
+    from loadtests.local import throwaway_redis
+
+    with throwaway_redis() as url:
+        client = aioredis.Redis.from_url(url)
+        inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused", **settings))
+        try:
+            await inv.runner.load()
+            yield client, inv
+        finally:
+            inv.close()
+            await client.aclose()
 
 
 async def zones(inv: Inventory, eid: str) -> dict[str, dict]:
@@ -515,24 +535,16 @@ async def test_a_hold_that_fails_inside_redis_does_not_fail_its_batch(any_redis)
 
 async def test_a_batch_that_cannot_be_sent_fails_only_its_own_holds(settings):
     """An argument hiredis cannot pack fails that batch's holds; another event's batch of the tick still runs."""
-    from loadtests.local import throwaway_redis
-
-    with throwaway_redis() as url:
-        client = aioredis.Redis.from_url(url)
-        inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused"))
+    async with private_inventory() as (_, inv):
         a, b = new_event_id("sendfail"), new_event_id("sendok")
         for eid in (a, b):
             await inv.load_event(spec(eid))
-        try:
-            await inv.availability(a)  # the auto-pipeline is connected
-            item = b'[{"zone_id":"ga","quantity":1}]'
-            broken = inv.runner.batched("hold", keys.meta(a), inv._common(), ("h_a", None, 0, item, ""))
-            fine = inv.runner.batched("hold", keys.meta(b), inv._common(), ("h_b", "c", 0, item, ""))
-            results = await asyncio.wait_for(asyncio.gather(broken, fine, return_exceptions=True), 5)
-            assert isinstance(results[0], TypeError) and results[1][0] == 1
-        finally:
-            inv.close()
-            await client.aclose()
+        await inv.availability(a)  # the auto-pipeline is connected
+        item = b'[{"zone_id":"ga","quantity":1}]'
+        broken = inv.runner.batched("hold", keys.meta(a), inv._common(), ("h_a", None, 0, item, ""))
+        fine = inv.runner.batched("hold", keys.meta(b), inv._common(), ("h_b", "c", 0, item, ""))
+        results = await asyncio.wait_for(asyncio.gather(broken, fine, return_exceptions=True), 5)
+        assert isinstance(results[0], TypeError) and results[1][0] == 1
 
 
 async def test_without_auto_pipelining_each_hold_is_its_own_call(settings):
@@ -642,14 +654,9 @@ async def test_a_zone_whose_counters_cannot_be_written_fails_neither_the_call_no
 async def test_confirms_of_one_tick_go_to_redis_as_one_call_per_event(settings):
     """The confirms an event gets in one tick are one EVALSHA; each gets its own answer, as if they had run
     one by one: a double click confirms once, and released, expired and unknown holds are refused."""
-    from loadtests.local import throwaway_redis
-
-    with throwaway_redis() as url:  # a private server: nothing else's EVALSHA is counted
-        client = aioredis.Redis.from_url(url)
-        inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused"))
+    async with private_inventory() as (client, inv):
         eid = new_event_id("cbatch")
         await inv.load_event(spec(eid, ga=10, seats=4))
-        await inv.runner.load()
         try:
             ga, _ = await inv.hold(eid, req(customer="a", ga=3))
             seated, _ = await inv.hold(eid, req(customer="b", ga=1, seats=["A1", "A2"]))
@@ -686,8 +693,6 @@ async def test_confirms_of_one_tick_go_to_redis_as_one_call_per_event(settings):
             assert await inv.find_order(eid, first["order_id"]) == first
         finally:
             await inv.unload_event(eid)
-            inv.close()
-            await client.aclose()
 
 
 async def test_a_confirm_that_fails_inside_redis_does_not_fail_its_batch(any_redis):
@@ -723,16 +728,9 @@ async def test_a_confirm_that_fails_inside_redis_does_not_fail_its_batch(any_red
 
 
 async def test_without_auto_pipelining_each_confirm_is_its_own_call(settings):
-    from loadtests.local import throwaway_redis
-
-    with throwaway_redis() as url:
-        client = aioredis.Redis.from_url(url)
-        inv = Inventory(
-            client, Settings(redis_url=url, database_url="postgresql://unused", auto_pipeline=False)
-        )
+    async with private_inventory(auto_pipeline=False) as (client, inv):
         eid = new_event_id("cnobatch")
         await inv.load_event(spec(eid))
-        await inv.runner.load()
         try:
             holds = [
                 h
@@ -747,7 +745,6 @@ async def test_without_auto_pipelining_each_confirm_is_its_own_call(settings):
             assert (await zones(inv, eid))["ga"]["sold"] == 3
         finally:
             await inv.unload_event(eid)
-            await client.aclose()
 
 
 async def test_a_confirm_refused_for_memory_moves_no_stock_even_when_its_call_writes_later(settings):
@@ -756,14 +753,9 @@ async def test_a_confirm_refused_for_memory_moves_no_stock_even_when_its_call_wr
     (here: it settles an expired hold that the call's reaping did not see, whose ZREM Redis allows)."""
     from redis.exceptions import OutOfMemoryError
 
-    from loadtests.local import throwaway_redis
-
-    with throwaway_redis() as url:
-        client = aioredis.Redis.from_url(url)
-        inv = Inventory(client, Settings(redis_url=url, database_url="postgresql://unused"))
+    async with private_inventory() as (client, inv):
         eid = new_event_id("oom")
         await inv.load_event(spec(eid, ga=10))
-        await inv.runner.load()
         try:
             paid, _ = await inv.hold(eid, req(customer="a", ga=2))
             lapsed, _ = await inv.hold(eid, req(customer="x", ttl=1, ga=1))
@@ -790,5 +782,3 @@ async def test_a_confirm_refused_for_memory_moves_no_stock_even_when_its_call_wr
             assert (z["available"], z["held"], z["sold"]) == (10, 0, 0)
         finally:
             await inv.unload_event(eid)
-            inv.close()
-            await client.aclose()
