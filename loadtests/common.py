@@ -13,8 +13,10 @@ Acks: each process appends JSON lines to ``<acks dir>/<event_id>/<host>-<pid>.js
 ``201 confirmed``, and one per hold the run abandoned, released or confirmed too late; the shapes are in
 ``loadtests/audit.py``). On ``test_stop`` the local runner, or the master once its workers stopped
 (custom message ``boxoffice_stop``), runs ``boxoffice audit`` on that directory in a child process and sets
-``environment.process_exit_code`` to 1 if the audit finds a violation. The acks directory must be shared
-by all Locust processes (one machine); otherwise copy the files together and run ``boxoffice audit``.
+``environment.process_exit_code`` to 1 if the audit finds a violation. A run stopped by SIGTERM or Ctrl-C
+is audited too: Locust chooses its exit code before it stops a running test, so the ``quitting`` hook stops
+the test first. The acks directory must be shared by all Locust processes (one machine); otherwise copy the
+files together and run ``boxoffice audit`` (an audit that finds no acks of an event with orders fails).
 
 The audit reads Redis and PostgreSQL directly: give the Locust process ``REDIS_URL`` and ``DATABASE_URL``
 of the deployment under test (``--skip-audit`` to leave it out).
@@ -42,7 +44,7 @@ import orjson
 import requests
 from locust import events
 from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
 log = logging.getLogger("boxoffice.loadtests")
 
@@ -286,6 +288,17 @@ def install(make_body: Any, *, id_prefix: str) -> None:
         if code != 0:
             environment.process_exit_code = 1
             log.error("audit of %s failed (exit %s)", options.event_id, code)
+
+    @events.quitting.add_listener
+    def _quitting(environment: Environment, **_: Any) -> None:
+        # Locust picks its exit code right after `quitting` and only then stops the runner (SIGTERM, Ctrl-C,
+        # a headless run without -t): stop it here, so test_stop's audit runs first and its verdict counts.
+        runner = environment.runner
+        if isinstance(runner, WorkerRunner) or runner is None:
+            return
+        if runner.state in (STATE_RUNNING, STATE_SPAWNING):
+            log.info("quitting while the test runs: stopping it first, for the audit")
+            runner.stop()
 
 
 def _on_stop_request(environment: Environment, msg: Any, **_: Any) -> None:
