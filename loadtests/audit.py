@@ -164,22 +164,75 @@ class AuditReport:
 # Acks ----------------------------------------------------------------------------------------------
 
 
-def load_acks(path: Path, event_id: str | None = None) -> list[dict]:
-    """Read acks from a JSON-lines file, or from every ``*.jsonl`` file of a directory.
+class AckError(ValueError):
+    """A line of an ack file that is not an ack; the message names the file and line."""
 
-    Keeps only lines of ``event_id`` (when given and the line names an event). Raises FileNotFoundError,
-    orjson.JSONDecodeError on a malformed line.
+
+_ACK_KINDS = {"confirmed", "abandoned", "released", "expired"}
+
+
+def load_acks(path: Path, event_id: str | None = None) -> list[dict]:
+    """Read acks from a JSON-lines file, or from every ``*.jsonl`` file of a directory and, with
+    ``event_id``, of its ``<event_id>/`` subdirectory (where a Locust run writes them, so the ``--acks-dir``
+    given to Locust works as it is).
+
+    Keeps only lines of ``event_id`` (when given and the line names an event). A last line that is cut
+    short (no newline after it, not JSON: its writer was killed mid-line) is skipped. Raises
+    FileNotFoundError; AckError (file and line number) for any other line that is not JSON, or not an
+    object of a known ``kind`` with the fields the audit reads (``hold_id``; for ``confirmed``, the
+    default, also ``order_id`` and a list of ``items``).
     """
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if event_id is not None and (path / event_id).is_dir():
+            files += sorted((path / event_id).glob("*.jsonl"))
+    else:
+        files = [path]
     out = []
     for f in files:
-        for line in f.read_bytes().splitlines():
+        data = f.read_bytes()
+        lines = data.splitlines()
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            rec = orjson.loads(line)
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                if number == len(lines) and not data.endswith(b"\n"):
+                    continue  # cut short by a killed writer
+                raise AckError(f"{f}:{number}: not JSON ({exc})") from None
+            problem = _ack_problem(rec)
+            if problem:
+                raise AckError(f"{f}:{number}: {problem}")
             if event_id is None or rec.get("event_id", event_id) == event_id:
                 out.append(rec)
     return out
+
+
+def _ack_problem(rec: Any) -> str | None:
+    """Why ``rec`` is not an ack the audit can use, or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    kind = rec.get("kind", "confirmed")
+    if kind not in _ACK_KINDS:
+        return f"unknown kind {kind!r}"
+    if not isinstance(rec.get("hold_id"), str):
+        return "no hold_id"
+    if kind != "confirmed":
+        return None
+    if not isinstance(rec.get("order_id"), str):
+        return "no order_id"
+    if not isinstance(rec.get("expires_at_ms", 0), int | float):
+        return "expires_at_ms is not a number"
+    items = rec.get("items")
+    if not isinstance(items, list) or not items:
+        return "no items"
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("zone_id"), str):
+            return "an item without zone_id"
+        if not (isinstance(item.get("seats"), list) or isinstance(item.get("quantity"), int)):
+            return f"item of zone {item['zone_id']!r} has neither seats nor an integer quantity"
+    return None
 
 
 def _tickets(items: Iterable[dict]) -> Counter:
@@ -269,20 +322,23 @@ async def audit_event(
     redis: aioredis.Redis,
     pg: Any,
     event_id: str,
-    acks: list[dict],
+    acks: list[dict] | None,
     *,
     drain_timeout_seconds: float,
     hold_expiry_timeout_seconds: float | None = None,
     settings: Settings | None = None,
 ) -> AuditReport:
-    """Audit one event; see the module docstring. ``pg`` is an asyncpg pool or connection.
+    """Audit one event; see the module docstring. ``pg`` is an asyncpg pool or connection. ``acks``: the
+    run's records (``load_acks``), or None when there are none to check against (the ack checks are
+    skipped). Given acks with no record of this event while it has orders are a violation (``acks``): they
+    were read from the wrong place, and nothing vouches that the run's 201s were kept.
 
     Never raises for a failed check (it becomes a Violation); Redis and PostgreSQL errors propagate.
     """
     report = AuditReport(event_id)
     # one-shot reads: the pooled client suffices, no auto-pipeline connection to close afterwards
     inventory = Inventory(redis, (settings or Settings()).model_copy(update={"auto_pipeline": False}))
-    confirms = [a for a in acks if a.get("kind", "confirmed") == "confirmed"]
+    confirms = [a for a in acks or () if a.get("kind", "confirmed") == "confirmed"]
     report.acks = len(confirms)
 
     if not await inventory.event_exists(event_id):
@@ -424,6 +480,12 @@ async def audit_event(
             report.add("seats", f"{z}/{seat} acked in orders {', '.join(sorted(ids))}")
 
     # Acks: each in PostgreSQL once, matching; one order per hold; none confirmed after its expiry
+    if acks is not None and not acks and orders:
+        report.add(
+            "acks",
+            f"no ack of this event was read, but PostgreSQL has {len(orders)} orders of it "
+            "(acks read from the wrong place? a Locust run writes them to <acks-dir>/<event_id>/)",
+        )
     acked_orders = Counter(a["order_id"] for a in confirms)
     orders_by_hold: dict[str, set[str]] = defaultdict(set)
     for a in confirms:
@@ -477,7 +539,7 @@ async def audit_event(
 
     # Holds the run abandoned / released / confirmed too late ended the way they should
     expected = {"abandoned": "expired", "expired": "expired", "released": "released"}
-    ended = [a for a in acks if a.get("kind") in expected]
+    ended = [a for a in acks or () if a.get("kind") in expected]
     if ended:
         async with redis.pipeline(transaction=False) as pipe:
             for a in ended:
@@ -502,11 +564,11 @@ def run_cli(
     from service.app import redis_client
 
     console = Console(width=None if sys.stdout.isatty() else 120)
-    acks: list[dict] = []
+    acks: list[dict] | None = None
     if acks_file is not None:
         try:
             acks = load_acks(acks_file, event_id)
-        except (OSError, orjson.JSONDecodeError) as exc:
+        except (OSError, AckError) as exc:
             console.print(f"[red]cannot read acks from {acks_file}: {exc}[/red]")
             return 2
 

@@ -505,7 +505,7 @@ def audit_and_lag(
         try:
             verdicts = []
             for eid, acks_dir in sold.items():
-                acks = load_acks(acks_dir, eid) if acks_dir and acks_dir.exists() else []
+                acks = load_acks(acks_dir, eid) if acks_dir else None
                 rep = await audit_event(
                     client,
                     pool,

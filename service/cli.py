@@ -134,7 +134,11 @@ def rebuild(
 @app.command()
 def audit(
     event: str = typer.Option(..., "--event", help="The event to audit."),
-    acks: Path = typer.Option(None, "--acks", help="JSON lines of the 201 confirms a load run received."),
+    acks: Path = typer.Option(
+        None,
+        "--acks",
+        help="A load run's acks (JSON lines): a file, or a directory such as Locust's --acks-dir.",
+    ),
     drain_timeout: float = typer.Option(30.0, help="Seconds to wait for the write-through to drain."),
 ) -> None:
     """Check a sale: no oversell, no seat sold twice, Redis agrees with PostgreSQL, every ack persisted once."""

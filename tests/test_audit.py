@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import event_body, new_event_id
 
-from loadtests.audit import CHECKS, audit_event, load_acks, outbox_backlog
+from loadtests.audit import CHECKS, AckError, audit_event, load_acks, outbox_backlog
 from service import catalog, keys
 from service.domain import EventSpec, HoldRequest
 from service.inventory import Inventory
@@ -126,6 +126,49 @@ async def test_clean_sale_passes(inventory, rclient, pg, private_settings, tmp_p
     assert (report.acks, report.orders, report.unacked_orders, report.holds_reaped) == (2, 2, 0, 1)
     assert await rclient.hget(keys.hold(eid, acks[-1]["hold_id"]), "status") == b"expired"
     assert report.write_lag_ms["p99"] >= report.write_lag_ms["p50"] >= 0
+
+
+def test_load_acks_finds_a_locust_runs_files_skips_a_cut_last_line_and_names_a_bad_line(tmp_path):
+    """Locust writes <acks-dir>/<event_id>/*.jsonl: the acks dir as given to Locust works. A writer killed
+    mid-line leaves a cut last line (skipped); any other line that is not an ack is refused by file:line."""
+    eid = "e1"
+    ack = {
+        "kind": "confirmed",
+        "event_id": eid,
+        "order_id": "o1",
+        "hold_id": "h1",
+        "items": [{"zone_id": "ga", "quantity": 2}],
+    }
+    ended = {"kind": "abandoned", "event_id": eid, "hold_id": "h2"}
+    (tmp_path / eid).mkdir()
+    f = tmp_path / eid / "host-1.jsonl"
+    f.write_bytes(orjson.dumps(ack) + b"\n" + orjson.dumps(ended) + b"\n" + b'{"kind": "confi')
+    assert load_acks(tmp_path, eid) == [ack, ended]
+    assert load_acks(tmp_path / eid, eid) == [ack, ended]
+
+    bad_lines = {
+        b'{"kind": "confi': "not JSON",
+        b"[1]": "not a JSON object",
+        orjson.dumps({**ack, "items": None}): "no items",
+        orjson.dumps({**ack, "items": [{"zone_id": "ga"}]}): "neither seats nor an integer quantity",
+        orjson.dumps({**ack, "expires_at_ms": "soon"}): "expires_at_ms",
+        orjson.dumps({"kind": "lost", "hold_id": "h3"}): "unknown kind",
+    }
+    for line, why in bad_lines.items():
+        f.write_bytes(orjson.dumps(ack) + b"\n" + line + b"\n" + orjson.dumps(ended) + b"\n")
+        with pytest.raises(AckError, match=f"host-1.jsonl:2: .*{why}"):
+            load_acks(tmp_path, eid)
+
+
+async def test_acks_given_but_none_of_the_event_fails_when_it_has_orders(
+    inventory, rclient, pg, private_settings
+):
+    """Acks read from the wrong place must not pass as "every 201 is in PostgreSQL": nothing vouched."""
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings)
+    report = await audit_event(rclient, pg, eid, [], drain_timeout_seconds=1, settings=private_settings)
+    assert checks_failed(report) == {"acks"}
+    report = await audit_event(rclient, pg, eid, None, drain_timeout_seconds=1, settings=private_settings)
+    assert report.ok, report.violations
 
 
 async def test_unacked_but_confirmed_order_is_not_a_violation(inventory, rclient, pg, private_settings):
