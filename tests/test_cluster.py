@@ -282,7 +282,7 @@ async def test_write_through_reconcile_audit_and_rebuild_on_redis_cluster(scratc
 
         # The audit's consistent snapshot is a MULTI too.
         assert (await client.post(f"/v1/events/{eid}/holds/{held}/release")).status_code == 200
-        audit = await audit_event(inventory.client, pg, eid, [], drain_timeout_seconds=0, settings=settings)
+        audit = await audit_event(inventory.client, pg, eid, None, drain_timeout_seconds=0, settings=settings)
         assert audit.ok, audit.violations
 
         # Redis loses the event: rebuild it from PostgreSQL (SCAN + MULTI on the event's node).
