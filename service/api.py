@@ -70,7 +70,7 @@ def event_view(spec: EventSpec, status: str) -> dict[str, Any]:
     return {
         "event_id": spec.event_id,
         "name": spec.name,
-        "starts_at": spec.starts_at.isoformat().replace("+00:00", "Z"),
+        "starts_at": iso_ms(round(spec.starts_at.timestamp() * 1000)),
         "hold_ttl_seconds": spec.hold_ttl_seconds,
         "max_tickets_per_customer": spec.max_tickets_per_customer,
         "status": status,

@@ -234,6 +234,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=handlers,
         middleware=[Middleware(RequestContext, templates=templates)],
     )
+    app.router.redirect_slashes = False  # "/v1/events/e1/" is not a route: 404 not_found, not a 307
     app.state = AppState()
     app.state.settings = settings
     return app

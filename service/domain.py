@@ -34,6 +34,9 @@ EVENT_ON_SALE, EVENT_PAUSED = "on_sale", "paused"
 
 MAX_HOLD_TTL_SECONDS = 3600
 MAX_SEATS_PER_ZONE = 200_000
+MAX_SEATS_PER_EVENT = 500_000
+"""Five times the largest stadium. The request that creates an event validates and loads all its seats into
+Redis and PostgreSQL at once; without a bound one admin body (64 KB of ``rows``) could declare ~38 million."""
 MAX_PRICE_CENTS = 1_000_000_000
 """10 million a ticket. With at most 1,000 tickets a customer, every amount stays below 1e14, which the
 scripts' cjson encodes exactly (it prints 14 significant digits; a larger amount would be rounded)."""
@@ -67,7 +70,7 @@ def _normalize_unique(labels: list[str]) -> list[str]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
 
 class ZoneSpec(_Strict):
@@ -118,7 +121,7 @@ class EventSpec(_Strict):
 
     event_id: Ident
     name: str = Field(min_length=1, max_length=200, pattern=NO_CONTROL)
-    starts_at: datetime
+    starts_at: datetime = Field(strict=False)  # strict would refuse the string in validate_python
     hold_ttl_seconds: int = Field(default=600, ge=1, le=MAX_HOLD_TTL_SECONDS)
     max_tickets_per_customer: int = Field(default=10, ge=1, le=1000)
     zones: list[ZoneSpec] = Field(min_length=1, max_length=1000)
@@ -129,12 +132,26 @@ class EventSpec(_Strict):
         ids = [z.zone_id for z in zones]
         if len(set(ids)) != len(ids):
             raise ValueError("zone ids must be distinct")
+        if sum(len(z.seats or ()) for z in zones) > MAX_SEATS_PER_EVENT:
+            raise ValueError(f"an event has at most {MAX_SEATS_PER_EVENT} seats")
         return zones
+
+    @field_validator("starts_at", mode="before")
+    @classmethod
+    def _not_a_number(cls, v: Any) -> Any:
+        if isinstance(v, int | float):  # lax datetime parsing would read a number as Unix time
+            raise ValueError("starts_at is an RFC 3339 date-time string, e.g. 2027-05-24T19:00:00Z")
+        return v
 
     @field_validator("starts_at")
     @classmethod
-    def _aware(cls, v: datetime) -> datetime:
-        return v if v.tzinfo else v.replace(tzinfo=UTC)
+    def _utc_ms(cls, v: datetime) -> datetime:
+        """UTC (assumed when no zone is given), whole milliseconds like every other time of the API, and in
+        years 1970-2199: PostgreSQL's timestamptz would store the far ends as +-infinity or refuse them."""
+        if not 1970 <= v.year <= 2199:
+            raise ValueError("starts_at must be in the years 1970-2199")
+        v = v.astimezone(UTC) if v.tzinfo else v.replace(tzinfo=UTC)
+        return v.replace(microsecond=v.microsecond // 1000 * 1000)
 
 
 class HoldItem(_Strict):

@@ -27,7 +27,6 @@ ERRORS: dict[str, tuple[int, str]] = {
     "hold_released": (409, "The hold was released."),
     "hold_confirmed": (409, "The hold is confirmed; it cannot be released."),
     "payload_too_large": (413, "The request body is larger than allowed."),
-    "unsupported_media_type": (415, "Send the body as application/json."),
     "validation_failed": (422, "The request is not valid."),
     "internal_error": (500, "Something went wrong on our side; nothing you sent was half-applied."),
     "unavailable": (503, "A backing store does not answer; try again shortly."),

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 
 from service.domain import (
     HOLD_STATES,
     MAX_HOLD_TTL_SECONDS,
+    MAX_SEATS_PER_EVENT,
     MAX_SEATS_PER_ZONE,
 )
 from service.errors import ERRORS
@@ -178,7 +180,8 @@ SCHEMAS: dict[str, Any] = {
             "starts_at": {
                 "type": "string",
                 "format": "date-time",
-                "description": "Without a time zone, UTC is assumed.",
+                "description": "In the years 1970-2199; without a time zone, UTC is assumed. Answered in UTC, "
+                "to the millisecond.",
             },
             "hold_ttl_seconds": {
                 "type": "integer",
@@ -193,7 +196,7 @@ SCHEMAS: dict[str, Any] = {
                 "minItems": 1,
                 "maxItems": 1000,
                 "items": _ref("ZoneSpec"),
-                "description": "Zone ids must be distinct.",
+                "description": f"Zone ids must be distinct; at most {MAX_SEATS_PER_EVENT} seats in all zones.",
             },
         },
     },
@@ -703,7 +706,7 @@ PATHS: dict[str, Any] = {
             "ops",
             {
                 "200": {
-                    "description": "Prometheus text exposition format 0.0.4.",
+                    "description": f"Prometheus text exposition format, Content-Type `{CONTENT_TYPE_LATEST}`.",
                     "headers": _REQUEST_ID,
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 }

@@ -70,6 +70,68 @@ async def test_create_event_errors(client):
     err(await client.post("/v1/events", content=big, headers=ADMIN), 413, "payload_too_large")
 
 
+async def test_starts_at_is_answered_in_utc_to_the_millisecond_and_bounded(client):
+    """The 201 and a later GET show the same instant the same way; a date PostgreSQL would store as
+    +-infinity (or refuse, past year 9999 in UTC) is a 422 on starts_at, not a database message."""
+    body = event_body(starts_at="2027-05-24T19:00:00.123456+02:00")
+    r = await client.post("/v1/events", json=body, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    assert r.json()["starts_at"] == "2027-05-24T17:00:00.123Z"
+    assert (await client.get(f"/v1/events/{body['event_id']}")).json()[
+        "starts_at"
+    ] == "2027-05-24T17:00:00.123Z"
+    for starts_at in (
+        "9999-12-31T23:59:59-01:00",
+        "9999-12-31T23:59:59.999999Z",
+        "0001-01-01T00:00:00Z",
+        1700000000,
+    ):
+        r = await client.post("/v1/events", json=event_body(starts_at=starts_at), headers=ADMIN)
+        e = err(r, 422, "validation_failed")
+        assert [x["field"] for x in e["details"]["errors"]] == ["starts_at"], (starts_at, e)
+
+
+async def test_numbers_must_be_json_integers(client, make_event):
+    """No coercion: "100", 3.0 or true where the API description says integer is a 422 on that field."""
+    for zone, field in (
+        ({"zone_id": "g", "kind": "ga", "capacity": 10, "price_cents": "100"}, "zones.0.price_cents"),
+        ({"zone_id": "g", "kind": "ga", "capacity": True, "price_cents": 1}, "zones.0.capacity"),
+        ({"zone_id": "s", "kind": "seated", "price_cents": 1, "rows": {"A": 3.0}}, "zones.0.rows.A"),
+    ):
+        e = err(
+            await client.post("/v1/events", json=event_body(zones=[zone]), headers=ADMIN),
+            422,
+            "validation_failed",
+        )
+        assert field in [x["field"] for x in e["details"]["errors"]], e
+    eid = (await make_event())["event_id"]
+    for ttl in ("5", 5.0, True):
+        e = err(
+            await hold(client, eid, items=[{"zone_id": "floor", "quantity": 1}], ttl_seconds=ttl),
+            422,
+            "validation_failed",
+        )
+        assert [x["field"] for x in e["details"]["errors"]] == ["ttl_seconds"], e
+
+
+async def test_an_event_has_at_most_max_seats_per_event(client):
+    rows = {f"R{i:02d}": 10_000 for i in range(20)}  # 200,000 seats, a zone's most; three zones pass 500,000
+    zones = [{"zone_id": f"s{z}", "kind": "seated", "price_cents": 1, "rows": rows} for z in range(3)]
+    e = err(
+        await client.post("/v1/events", json=event_body(zones=zones), headers=ADMIN), 422, "validation_failed"
+    )
+    assert "at most 500000 seats" in e["details"]["errors"][0]["message"], e
+
+
+async def test_a_trailing_slash_is_not_a_route(client, make_event):
+    eid = (await make_event())["event_id"]
+    err(await client.get(f"/v1/events/{eid}/"), 404, "not_found")
+    r = await client.post(
+        f"/v1/events/{eid}/holds/", json={"customer_id": "c", "items": [{"zone_id": "floor", "quantity": 1}]}
+    )
+    err(r, 404, "not_found")
+
+
 async def test_big_seated_event_is_created_pipelined(client, redis):
     """100,000 seats in one request: COPY into PostgreSQL, chunked pipeline into Redis."""
     body = event_body(
