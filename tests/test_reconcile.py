@@ -254,3 +254,75 @@ async def test_no_false_drift_while_selling(scratch):
     assert (
         await reconcile_event(inventory.client, pg, inventory, eid, repair=False, settings=settings)
     ).clean
+
+
+async def dead_lettered_sale(client, inventory, pg, write_through, eid: str, zone: str, **bought) -> dict:
+    """A valid sale PostgreSQL refuses: ``zones.sold`` of ``zone`` is set to its capacity behind the scripts'
+    back (drift a repair fixes), so the write-through hits the zone_not_oversold CHECK. Returns the order."""
+    await pg.execute("UPDATE zones SET sold = capacity WHERE event_id = $1 AND zone_id = $2", eid, zone)
+    order = await buy(client, eid, "c-dead", **bought)  # a 201 to the customer
+    await write_through(eid)
+    assert await db.get_order(pg, eid, order["order_id"]) is None
+    reason = await pg.fetchval("SELECT reason FROM dead_letters WHERE order_id = $1", order["order_id"])
+    assert "zone_not_oversold" in reason
+    return order
+
+
+async def test_repair_keeps_a_dead_lettered_seat_sold(scratch):
+    """A dead letter is for a person to decide (refund or re-seat): a repair keeps its seat owned by the
+    order and its ticket sold, so nobody else can buy that seat meanwhile."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    await buy(client, eid, "c-1", seats=["A2"])
+    await write_through(eid)
+    order = await dead_lettered_sale(client, inventory, pg, write_through, eid, "sec-101", seats=["A1"])
+
+    report = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    assert kinds(report) == {reconcile.PG_COUNTER, reconcile.DEAD_LETTERS}  # Redis is right about A1
+    assert {z.zone_id: z.dead_lettered for z in report.zones} == {"floor": 0, "sec-101": 1}
+
+    fixed = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert [d.kind for d in fixed.drifts] == [reconcile.DEAD_LETTERS]
+    assert {d.kind: d.examples for d in fixed.drifts}[reconcile.DEAD_LETTERS] == [order["order_id"]]
+    assert await pg.fetchval("SELECT sold FROM zones WHERE event_id = $1 AND zone_id = 'sec-101'", eid) == 1
+    assert await r.hget(keys.owners(eid, "sec-101"), "A1") == f"s:{order['order_id']}".encode()
+    sec = (await zones(client, eid))["sec-101"]
+    assert (sec["available"], sec["held"], sec["sold"]) == (18, 0, 2)
+    assert await seats_with(client, eid, "sold") == {"A1", "A2"}
+    taken = await hold(client, eid, "c-2", seats=["A1"])
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "seats_unavailable"
+    # Repairing again changes nothing for it.
+    again = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert [d.kind for d in again.drifts] == [reconcile.DEAD_LETTERS] and not again.repaired
+
+
+async def test_repair_keeps_dead_lettered_tickets_sold(scratch):
+    """The general-admission variant: the order's tickets stay sold as long as its dead letter is there; once
+    it is gone (refunded, row deleted) and so is its hold record, a repair gives them back."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    body_zones = [
+        {"zone_id": "floor", "kind": "ga", "capacity": 4, "price_cents": 9900},
+        {"zone_id": "sec-101", "kind": "seated", "price_cents": 15900, "rows": {"A": 2}},
+    ]
+    eid = await create(client, zones=body_zones)
+    await buy(client, eid, "c-1", ga=1)
+    await write_through(eid)
+    order = await dead_lettered_sale(client, inventory, pg, write_through, eid, "floor", ga=2)
+
+    fixed = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert [d.kind for d in fixed.drifts] == [reconcile.DEAD_LETTERS] and fixed.status == "on_sale"
+    assert {d.kind for d in fixed.drifts_before} == {reconcile.PG_COUNTER, reconcile.DEAD_LETTERS}
+    floor = (await zones(client, eid))["floor"]
+    assert (floor["available"], floor["held"], floor["sold"]) == (1, 0, 3)
+    too_many = await hold(client, eid, "c-2", ga=2)
+    assert too_many.status_code == 409 and too_many.json()["error"]["code"] == "sold_out"
+
+    # Refunded: its row deleted, its hold record gone (while that lives, a repair re-queues the order instead:
+    # a confirmed hold whose order is nowhere is order_missing_in_pg).
+    await pg.execute("DELETE FROM dead_letters WHERE order_id = $1", order["order_id"])
+    await r.delete(keys.hold(eid, order["hold_id"]), keys.order(eid, order["order_id"]))
+    assert (await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)).clean
+    floor = (await zones(client, eid))["floor"]
+    assert (floor["available"], floor["sold"]) == (3, 1)

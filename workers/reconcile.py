@@ -3,18 +3,26 @@
 What is compared, per event (figures in tickets unless named otherwise):
 
 * ``sold_redis_vs_pg``: zone ``sold`` in Redis == tickets of the event's orders in PostgreSQL + tickets of the
-  orders "in flight" (confirmed in Redis, still in the outbox stream, not written through yet). In-flight
-  orders are not drift; one older than ``stuck_after_ms(settings)`` is (``outbox_stuck``).
+  orders "in flight" (confirmed in Redis, still in the outbox stream, not written through yet) + tickets of
+  the dead-lettered orders PostgreSQL's ``orders`` lacks (acknowledged sales PostgreSQL refused: their stock
+  stays sold until a person decides). In-flight orders are not drift; one older than
+  ``stuck_after_ms(settings)`` is (``outbox_stuck``).
 * ``sold_counter_vs_items``: ``zones.sold`` == the sum of the zone's ``order_items`` (PostgreSQL alone).
-* ``seat_sold_in_pg_not_redis`` / ``seat_sold_in_redis_not_pg``: a seat PostgreSQL (or the outbox) sold to
-  order O is ``s:O`` in the zone's owner hash, and every ``s:O`` there is such a seat.
+* ``seat_sold_in_pg_not_redis`` / ``seat_sold_in_redis_not_pg``: a seat PostgreSQL (or the outbox, or a dead
+  letter of an order PostgreSQL lacks) sold to order O is ``s:O`` in the zone's owner hash, and every ``s:O``
+  there is such a seat. Where two of them name one seat, PostgreSQL wins, then the outbox.
 * ``orphan_expiry`` (expiry-set member without an active hold record), ``hold_missing_expiry`` (active hold
   record not in the expiry set: it would never expire), ``stale_seat_hold`` (owner ``h:H`` with H not
   active), ``held_vs_holds`` (zone ``held`` != tickets of the active holds).
 * ``capacity_invariant``: ``available + held + sold == capacity`` with none negative (``lua/availability.lua``).
 * ``order_missing_in_pg``: a confirmed hold (its record lives ``hold_retention_seconds``) whose order is
   neither in PostgreSQL, nor in the outbox, nor dead-lettered: an acknowledged sale missing from the record.
-* ``dead_letters``: orders PostgreSQL refused (``workers/outbox.py``); never repaired automatically.
+* ``dead_letters``: orders PostgreSQL refused (``workers/outbox.py``); never repaired automatically: a person
+  decides (refund or re-seat). As long as the row is there and its order is not in ``orders``, the order's
+  tickets count as sold and its seats stay its own (above): a repair neither sells them again nor pauses the
+  sale for it. A payload that is not a confirm script's order (malformed) keeps nothing. Deleting the row
+  while the order's hold record lives (``hold_retention_seconds``) makes it ``order_missing_in_pg``: a repair
+  then re-queues it (a retry, e.g. once ``zones.sold`` is right again).
 * ``event_missing_in_redis`` (run ``boxoffice rebuild``), ``event_missing_in_pg``, ``zone_missing_in_*``.
 
 A live comparison of two stores is made consistent like this. One MULTI reads the zone hashes, owner
@@ -40,9 +48,10 @@ was on sale and nothing that risks an oversell is left:
    on a seat PostgreSQL sold are released (``Inventory.release``: the release script's rules);
 5. Redis counters and seat owners are set from the record, in one MULTI under WATCH of the event's
    expiry set, outbox, zone and owner keys (retried if a confirm, release or write-through lands
-   meanwhile): ``sold`` = PostgreSQL items + in-flight, ``held`` = active holds, ``available`` = the rest,
-   owners = PostgreSQL and in-flight seats (``s:O``) + active holds' seats (``h:H``). A zone where that
-   would make ``available`` negative is left alone and stays reported.
+   meanwhile): ``sold`` = PostgreSQL items + in-flight + dead-lettered (orders PostgreSQL lacks),
+   ``held`` = active holds, ``available`` = the rest, owners = PostgreSQL, in-flight and dead-lettered seats
+   (``s:O``) + active holds' seats (``h:H``). A zone where that would make ``available`` negative is left
+   alone and stays reported (e.g. a dead letter of a real oversell: a person refunds it).
 
 Then the event is checked again; the returned report is that re-check, with ``repaired`` listing what was
 done and ``drifts_before`` what was found first.
@@ -183,6 +192,8 @@ class ZoneReport:
     """``zones.sold``."""
     held_by_holds: int | None
     """Tickets of active holds; None when the sale was too busy to compare (see ``held_checked``)."""
+    dead_lettered: int = 0
+    """Tickets of dead-lettered orders PostgreSQL's ``orders`` lacks (not in flight): kept sold in Redis."""
 
 
 @dataclass
@@ -410,6 +421,12 @@ WHERE i.event_id = $1 AND i.seat IS NOT NULL
 """
 _PERSISTED_SQL = "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])"
 _DEAD_LETTERS_SQL = "SELECT order_id FROM dead_letters WHERE event_id = $1"
+_DEAD_UNWRITTEN_SQL = """
+SELECT DISTINCT ON (d.order_id) d.order_id, d.payload FROM dead_letters d
+WHERE d.event_id = $1 AND d.order_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = d.order_id)
+ORDER BY d.order_id, d.id
+"""
 _FIX_COUNTERS_SQL = """
 UPDATE zones z SET sold = s.items
 FROM (SELECT z2.zone_id, coalesce(sum(i.quantity), 0)::int AS items
@@ -427,13 +444,67 @@ class _Record:
     persisted: set[str]
     dead_letter_orders: set[str]
     dead_letters: int
+    dead_tickets: dict[str, int]
+    """zone -> tickets of the dead-lettered orders ``orders`` lacks (see ``_dead_lettered``)."""
+    dead_seats: dict[tuple[str, str], str]
+    """(zone, seat) -> order id, for those orders' seats."""
+
+
+def _dead_order(raw: str | dict, order_id: str) -> tuple[float, list[tuple[str, list[str], int]]] | None:
+    """A dead letter's payload as ``(confirmed_at_ms, [(zone_id, seats, tickets)])`` if it is the confirm
+    script's order ``order_id`` (``lua/confirm.lua``); None if it is not (malformed: nothing to keep)."""
+    try:
+        order = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(order, dict) or order.get("order_id") != order_id:
+        return None
+    confirmed_at_ms, items = order.get("confirmed_at_ms"), order.get("items")
+    if not isinstance(confirmed_at_ms, int | float) or not isinstance(items, list):
+        return None
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("zone_id"), str):
+            return None
+        seats, quantity = item.get("seats"), item.get("quantity")
+        if seats and isinstance(seats, list) and all(isinstance(x, str) for x in seats):
+            out.append((item["zone_id"], seats, len(seats)))
+        elif not seats and isinstance(quantity, int) and quantity > 0:
+            out.append((item["zone_id"], [], quantity))
+        else:
+            return None
+    return confirmed_at_ms, out
+
+
+def _dead_lettered(rows: list[asyncpg.Record], before_ms: int | None, outbox_ids: list[str]):
+    """The stock of dead-lettered orders a repair must keep sold: (zone -> tickets, (zone, seat) -> order id).
+
+    ``rows``: one ``(order_id, payload)`` per dead-lettered order ``orders`` lacks. Left out: orders still in
+    ``outbox_ids`` (in flight: counted as such), orders confirmed at or after ``before_ms`` (after the Redis
+    snapshot) and malformed payloads. Two dead letters naming one seat: the first order id keeps it.
+    """
+    tickets: dict[str, int] = defaultdict(int)
+    seats: dict[tuple[str, str], str] = {}
+    in_outbox = set(outbox_ids)
+    for r in rows:
+        parsed = _dead_order(r["payload"], r["order_id"])
+        if parsed is None or r["order_id"] in in_outbox:
+            continue
+        confirmed_at_ms, items = parsed
+        if before_ms is not None and confirmed_at_ms >= before_ms:
+            continue
+        for zone_id, item_seats, n in items:
+            tickets[zone_id] += n
+            for seat in item_seats:
+                seats.setdefault((zone_id, seat), r["order_id"])
+    return dict(tickets), seats
 
 
 async def _read_record(
     pg: asyncpg.Pool, event_id: str, before_ms: int | None, outbox_ids: list[str]
 ) -> _Record:
     """PostgreSQL in one REPEATABLE READ transaction. ``before_ms``: count only orders confirmed before it
-    or in ``outbox_ids`` (None: every order)."""
+    or in ``outbox_ids`` (None: every order); dead letters as ``_dead_lettered`` says."""
     before = None if before_ms is None else EPOCH + timedelta(milliseconds=before_ms)
     async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         zones = await conn.fetch(_ZONES_SQL, event_id, before, outbox_ids)
@@ -443,7 +514,17 @@ async def _read_record(
         }
         persisted = {r["order_id"] for r in await conn.fetch(_PERSISTED_SQL, outbox_ids)}
         dead = await conn.fetch(_DEAD_LETTERS_SQL, event_id)
-    return _Record(zones, seats, persisted, {r["order_id"] for r in dead if r["order_id"]}, len(dead))
+        unwritten = await conn.fetch(_DEAD_UNWRITTEN_SQL, event_id)
+    dead_tickets, dead_seats = _dead_lettered(unwritten, before_ms, outbox_ids)
+    return _Record(
+        zones,
+        seats,
+        persisted,
+        {r["order_id"] for r in dead if r["order_id"]},
+        len(dead),
+        dead_tickets,
+        dead_seats,
+    )
 
 
 # The check ---------------------------------------------------------------------------------------
@@ -511,6 +592,7 @@ async def _check(
                 r["items_all"],
                 r["counter"],
                 None,
+                record.dead_tickets.get(r["zone_id"], 0),
             )
             for r in record.zones
         ]
@@ -586,9 +668,10 @@ async def _check(
             r["items_snapshot"],
             r["counter"],
             active_tickets.get(z, 0) if report.held_checked else None,
+            record.dead_tickets.get(z, 0),
         )
         report.zones.append(zr)
-        expected = zr.sold_pg + zr.in_flight
+        expected = zr.sold_pg + zr.in_flight + zr.dead_lettered
         if sold != expected:
             _drift(
                 report,
@@ -597,7 +680,8 @@ async def _check(
                 z,
                 redis=sold,
                 expected=expected,
-                detail=f"Redis sold {sold}; PostgreSQL {zr.sold_pg} + in flight {zr.in_flight}",
+                detail=f"Redis sold {sold}; PostgreSQL {zr.sold_pg} + in flight {zr.in_flight}"
+                f" + dead-lettered {zr.dead_lettered}",
             )
         if r["counter"] != r["items_all"]:
             _drift(
@@ -630,8 +714,9 @@ async def _check(
                 detail=f"held {h_counter}; active holds hold {active_tickets.get(z, 0)}",
             )
 
-    # Seats: owners against the record and the in-flight orders.
-    expected_seats = dict(flight_seats)
+    # Seats: owners against the record, the in-flight orders and the dead letters (record first).
+    expected_seats = dict(record.dead_seats)
+    expected_seats.update(flight_seats)
     expected_seats.update(record.seats)
     not_in_redis, not_in_pg, hold_owned = [], [], []
     for (z, seat), order_id in expected_seats.items():
@@ -652,7 +737,8 @@ async def _check(
             SEAT_SOLD_NOT_IN_REDIS,
             len(not_in_redis),
             examples=not_in_redis,
-            detail="seats PostgreSQL (or the outbox) sold that Redis does not mark sold to that order",
+            detail="seats PostgreSQL (or the outbox, or a dead letter) sold that Redis does not mark sold to that"
+            " order",
         )
     if not_in_pg:
         _drift(
@@ -660,7 +746,7 @@ async def _check(
             SEAT_SOLD_NOT_IN_PG,
             len(not_in_pg),
             examples=not_in_pg,
-            detail="seats Redis marks sold that no order in PostgreSQL or the outbox has",
+            detail="seats Redis marks sold that no order in PostgreSQL, the outbox or the dead letters has",
         )
 
     # Holds: candidates from the snapshots, confirmed by one MULTI.
@@ -915,7 +1001,8 @@ async def _watched(client: aioredis.Redis, watch: list[str], ok, queue, event_id
 async def _restore_counters(
     client: aioredis.Redis, pg: asyncpg.Pool, event_id: str, zone_ids: list[str]
 ) -> list[str]:
-    """Set zone counters and seat owners from PostgreSQL + in-flight orders + active holds (see module doc, 5)."""
+    """Set zone counters and seat owners from PostgreSQL + in-flight orders + dead-lettered orders PostgreSQL
+    lacks + active holds (see module doc, 5)."""
     watch = [keys.expiry(event_id), keys.outbox(event_id)]
     watch += [keys.zone(event_id, z) for z in zone_ids] + [keys.owners(event_id, z) for z in zone_ids]
     for attempt in range(REPAIR_ATTEMPTS):
@@ -954,7 +1041,10 @@ def _plan_counters(event_id, zone_ids, live: _Live, holds, record: _Record, flig
     owner_set: dict[str, dict[str, str]] = defaultdict(dict)
     owner_del: dict[str, list[str]] = defaultdict(list)
     held: dict[str, int] = defaultdict(int)
-    want_owner: dict[tuple[str, str], str] = {k: f"s:{o}" for k, o in flight_seats.items()}
+    # Dead-lettered orders' seats stay theirs (a person decides); where another order has the seat, the
+    # outbox and then PostgreSQL win, and the dead letter's ticket still counts (a seat to re-seat it on).
+    want_owner: dict[tuple[str, str], str] = {k: f"s:{o}" for k, o in record.dead_seats.items()}
+    want_owner.update({k: f"s:{o}" for k, o in flight_seats.items()})
     want_owner.update({k: f"s:{o}" for k, o in record.seats.items()})
     for hold_id, rec in holds.items():
         if not rec or rec["status"] != HOLD_ACTIVE:
@@ -969,7 +1059,7 @@ def _plan_counters(event_id, zone_ids, live: _Live, holds, record: _Record, flig
         r, zh = pg_zones.get(z), live.zones.get(z)
         if r is None or not zh:
             continue
-        sold = r["items_all"] + flight_tickets.get(z, 0)
+        sold = r["items_all"] + flight_tickets.get(z, 0) + record.dead_tickets.get(z, 0)
         available = r["capacity"] - sold - held[z]
         if available < 0:
             actions.append(
@@ -1222,6 +1312,7 @@ def _print_tables(console, reports: list[EventReport]) -> None:
                 z.held,
                 z.sold_redis,
                 z.in_flight,
+                z.dead_lettered,
                 z.sold_pg,
                 z.sold_pg_counter,
                 z.held_by_holds,
@@ -1240,9 +1331,9 @@ def _print_tables(console, reports: list[EventReport]) -> None:
             )
     console.print(
         _table(
-            "Zones (tickets; sold in Redis = PostgreSQL items + in flight)",
-            "event:id,status:id,zone:id,capacity:n,available:n,held:n,sold:n,in flight:n,PG items:n,zones.sold:n,"
-            "in holds:n",
+            "Zones (tickets; sold in Redis = PostgreSQL items + in flight + dead-lettered)",
+            "event:id,status:id,zone:id,capacity:n,available:n,held:n,sold:n,in flight:n,dead-lettered:n,"
+            "PG items:n,zones.sold:n,in holds:n",
             zone_rows,
         )
     )
