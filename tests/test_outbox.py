@@ -9,6 +9,7 @@ outbox entry is the confirm script's own.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from datetime import datetime
 
@@ -22,7 +23,9 @@ from service import catalog, db, keys, metrics
 from service.app import create_app
 from service.domain import EventSpec, HoldRequest
 from service.inventory import new_id
-from workers.outbox import GROUP, OutboxConsumer, write_batch
+from workers import outbox
+from workers.outbox import GROUP, PG_UNAVAILABLE, OutboxConsumer, write_batch
+from workers.reconcile import redrive_outbox
 from workers.sweeper import sweep_once
 
 
@@ -228,6 +231,154 @@ async def test_backstop_refusals_are_dead_lettered_and_the_rest_lands(pg, invent
     entries = [(seat_twice.decode(), orjson.loads(forged(items=[{"zone_id": "sec-101", "seats": ["A1"]}])))]
     assert (await write_batch(pg, entries)).dead_lettered == [seat_twice.decode()]
     assert (await pg_state(pg, eid))["dead"] == 6
+
+
+def forged_order(event_id: str, **over) -> dict:
+    """An order in the confirm script's format that Redis never sold (for entries only a bug could write)."""
+    return {
+        "order_id": new_id("o"),
+        "event_id": event_id,
+        "hold_id": new_id("h"),
+        "customer_id": "mallory",
+        "items": [{"zone_id": "floor", "quantity": 1}],
+        "amount_cents": 9900,
+        "payment_ref": "p",
+        "confirmed_at_ms": int(time.time() * 1000),
+        **over,
+    }
+
+
+POISON = {
+    # kind: (what the forged order gets, the name its dead letter's reason gives)
+    "nul_zone": (lambda e: {"items": [{"zone_id": "fl\x00oor", "quantity": 1}]}, "zone_id"),
+    "nul_seat": (lambda e: {"items": [{"zone_id": "sec-101", "seats": ["A\x001"]}]}, "seat"),
+    "nul_event": (lambda e: {"event_id": e + "\x00"}, "event"),
+    # ~12 KB of random hex: no btree index row can hold it (at most ~2.7 KB, and hex barely compresses)
+    "long_order_id": (lambda e: {"order_id": "o_" + secrets.token_hex(6000)}, "order_id"),
+    "long_hold_id": (lambda e: {"hold_id": "h_" + secrets.token_hex(6000)}, "hold_id"),
+    "long_event_id": (lambda e: {"event_id": e + secrets.token_hex(6000)}, "event"),
+}
+"""Outbox entries PostgreSQL cannot take even as keys: a NUL (text cannot hold U+0000) or an id too long to
+index. Before the fix one of them blocked the write-through of every event: nothing was acked, forever."""
+
+
+def poisoned(kind: str, event_id: str) -> dict:
+    return {**forged_order(event_id), **POISON[kind][0](event_id)}
+
+
+@pytest.mark.parametrize("kind", list(POISON))
+async def test_a_poison_entry_is_dead_lettered_and_every_event_lands(pg, inventory, private_settings, kind):
+    a = await new_event(pg, inventory)
+    b = await new_event(pg, inventory)
+    good = [
+        await buy(inventory, a, "g-1", [{"zone_id": "floor", "quantity": 1}]),
+        await buy(inventory, b, "g-2", [{"zone_id": "sec-101", "seats": ["A1"]}]),
+    ]
+    bad = poisoned(kind, a)
+    poison_id = (await inventory.client.xadd(keys.outbox(a), {"order": orjson.dumps(bad)})).decode()
+    good.append(await buy(inventory, a, "g-3", [{"zone_id": "sec-101", "seats": ["A2"]}]))
+    dead_before = counter(metrics.DEAD_LETTERS, a)
+
+    # One pass: the poison is dead-lettered, the rest of the batch (of both events) lands, all is acked.
+    consumer = OutboxConsumer(inventory.client, pg, private_settings, f"w-{kind}")
+    assert await consumer.run_once([a, b]) == 4
+    for o in good:
+        assert await db.get_order(pg, o["event_id"], o["order_id"]) is not None
+    assert await pg_state(pg, a) == {"orders": 2, "items": 2, "sold": {"floor": 1, "sec-101": 1}, "dead": 1}
+    assert await pg_state(pg, b) == {"orders": 1, "items": 1, "sold": {"floor": 0, "sec-101": 1}, "dead": 0}
+    for e in (a, b):
+        assert await inventory.client.xlen(keys.outbox(e)) == 0
+        assert (await inventory.client.xpending(keys.outbox(e), GROUP))["pending"] == 0
+    row = await pg.fetchrow("SELECT entry_id, payload::text, reason FROM dead_letters WHERE event_id = $1", a)
+    assert row["entry_id"] == poison_id
+    assert row["reason"].startswith("malformed order") and POISON[kind][1] in row["reason"]
+    assert len(row["reason"]) < 300  # a 12 KB id is shown cut short
+    assert bad["hold_id"] in row["payload"]  # the entry is kept (NUL replaced by U+FFFD)
+    assert counter(metrics.DEAD_LETTERS, a) == dead_before + 1
+
+
+async def test_write_batch_dead_letters_poison_and_writes_the_rest(pg, inventory):
+    """write_batch itself (the path reconcile's repair and rebuild's redrive take too), every poison in one
+    batch with good orders of two events. A poison event id is unusable as dead_letters' key: recorded
+    under the event id ''."""
+    a = await new_event(pg, inventory)
+    b = await new_event(pg, inventory)
+    await buy(inventory, a, "g-1", [{"zone_id": "floor", "quantity": 1}])
+    await buy(inventory, b, "g-2", [{"zone_id": "sec-101", "seats": ["A1"]}])
+    good = await outbox_entries(inventory.client, a) + await outbox_entries(inventory.client, b)
+    stamp = time.time_ns()  # ids "1-...": unique, and never a real entry's (write_batch keys entries by id)
+    bad = [(f"1-{stamp + i}", poisoned(kind, a)) for i, kind in enumerate(POISON)]
+
+    result = await write_batch(pg, [good[0], *bad, good[1]])
+    assert sorted(result.written) == sorted(o["order_id"] for _, o in good)
+    assert sorted(result.dead_lettered) == sorted(i for i, _ in bad)
+    assert (await pg_state(pg, a))["orders"] == 1 and (await pg_state(pg, b))["orders"] == 1
+    ids = [i for i, _ in bad]
+    rows = await pg.fetch("SELECT event_id, reason FROM dead_letters WHERE entry_id = ANY($1)", ids)
+    assert sorted(r["event_id"] for r in rows) == sorted([a] * 4 + ["", ""])
+    assert all(r["reason"].startswith("malformed order") for r in rows)
+
+    again = await write_batch(pg, [good[0], *bad, good[1]])  # redelivered: recorded once
+    assert again.written == [] and sorted(again.dead_lettered) == sorted(ids)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE entry_id = ANY($1)", ids) == 6
+
+
+async def test_redrive_dead_letters_poison_and_writes_the_rest(pg, inventory, private_settings):
+    """Reconcile's repair and rebuild re-drive the outbox with write_batch: a poison entry must not stop them."""
+    eid = await new_event(pg, inventory)
+    good = await buy(inventory, eid, "g-1", [{"zone_id": "floor", "quantity": 1}])
+    await inventory.client.xadd(keys.outbox(eid), {"order": orjson.dumps(poisoned("nul_zone", eid))})
+    assert await redrive_outbox(inventory.client, pg, eid, private_settings) == (1, 1)
+    assert await db.get_order(pg, eid, good["order_id"]) is not None
+    assert (await pg_state(pg, eid))["dead"] == 1
+    assert await inventory.client.xlen(keys.outbox(eid)) == 0
+
+
+@pytest.mark.parametrize("stop", ["pg_terminate_backend", "pg_cancel_backend"])
+async def test_postgres_failing_mid_batch_dead_letters_nothing(
+    pg, inventory, private_settings, monkeypatch, stop
+):
+    """PostgreSQL ends the session (terminate: connection lost) or cancels the statement (as a shutdown or a
+    statement timeout would) while a refused batch is redone entry by entry: not a refusal. The pass raises;
+    nothing is written, dead-lettered or acked; the next pass writes it all."""
+    eid = await new_event(pg, inventory)
+    await buy(inventory, eid, "g-1", [{"zone_id": "floor", "quantity": 1}])
+    oversold = forged_order(eid, items=[{"zone_id": "floor", "quantity": 101}])  # refused: entry by entry
+    await inventory.client.xadd(keys.outbox(eid), {"order": orjson.dumps(oversold)})
+    await buy(inventory, eid, "g-2", [{"zone_id": "floor", "quantity": 1}])
+    insert = outbox._insert
+
+    async def stop_session(pid: int) -> None:
+        busy = (
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query ~ 'pg_sleep'"
+        )
+        for _ in range(500):  # once the slow statement runs (within 5 s)
+            if await pg.fetchval(busy, pid):
+                break
+            await asyncio.sleep(0.01)
+        await pg.execute(f"SELECT {stop}($1)", pid)
+
+    async def fail_then_insert(conn, orders):
+        if len(orders) == 1:  # the first entry redone alone: a slow statement, stopped by PostgreSQL
+            stopper = asyncio.create_task(stop_session(conn.get_server_pid()))
+            try:
+                await conn.execute("SELECT pg_sleep(10)")
+            finally:
+                await stopper
+        return await insert(conn, orders)
+
+    monkeypatch.setattr(outbox, "_insert", fail_then_insert)
+    consumer = OutboxConsumer(inventory.client, pg, private_settings, f"w-{stop}")
+    with pytest.raises((*PG_UNAVAILABLE, asyncpg.PostgresError)) as failed:
+        await consumer.run_once([eid])
+    assert not isinstance(failed.value, outbox.REFUSED)
+    assert await pg_state(pg, eid) == {"orders": 0, "items": 0, "sold": {"floor": 0, "sec-101": 0}, "dead": 0}
+    assert (await inventory.client.xpending(keys.outbox(eid), GROUP))["pending"] == 3
+
+    monkeypatch.undo()
+    assert await consumer.run_once([eid]) == 3
+    assert await pg_state(pg, eid) == {"orders": 2, "items": 2, "sold": {"floor": 2, "sec-101": 0}, "dead": 1}
+    assert await inventory.client.xlen(keys.outbox(eid)) == 0
 
 
 async def test_consumer_covers_every_event_and_reclaims_idle_entries(pg, inventory, private_settings):

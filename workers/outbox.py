@@ -13,8 +13,10 @@ the write is idempotent, so the result is exactly once:
 * PostgreSQL does not answer: ``write_batch`` raises, the entries stay pending, the loop backs off
   exponentially (at most ``outbox_backoff_max_seconds``) and re-reads them;
 * PostgreSQL refuses an order (a backstop fired: a seat sold twice, ``sold > capacity``, unknown event
-  or seat, malformed data): the order goes to ``dead_letters`` with the reason and is acked. It is never
-  dropped and never retried forever; the rest of its batch lands.
+  or seat, malformed data, a key too long to index), or the order is malformed (not JSON, not of the
+  stream's event, an id the API could not have made, e.g. with a NUL or 12 KB long): the order goes to
+  ``dead_letters`` with the reason and is acked. It is never dropped and never retried forever; the rest
+  of its batch, of every event, lands.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from service import keys, metrics
+from service.domain import ID_RE, SEAT_RE
 from service.settings import Settings
 from service.slots import SlotClients
 
@@ -44,11 +47,17 @@ log = logging.getLogger("boxoffice.outbox")
 GROUP = "writers"
 """The consumer group every write-through worker joins (one group: each entry is written by one worker)."""
 
-REFUSED = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
-"""PostgreSQL refusing an order (SQLSTATE classes 23 and 22): dead-lettered, not retried."""
+REFUSED = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError, asyncpg.ProgramLimitExceededError)
+"""PostgreSQL refusing an order's data (SQLSTATE classes 23, 22 and 54, e.g. a key too long for its index):
+dead-lettered, not retried. Any other error (connection lost, shutdown, class 40, a missing table) is not
+about one order: it is raised and the batch retried."""
 
 TRANSIENT_RETRIES = 3
-"""A batch aborted by a deadlock or serialization failure (SQLSTATE class 40) is retried at once this often."""
+"""Attempts in all (the first and 2 retries, at once) at a batch aborted by a deadlock or serialization
+failure (SQLSTATE class 40); the last attempt's error is raised."""
+
+MALFORMED = "malformed"
+"""The key of ``_decode``'s wrapper for an entry that is not an order of its stream's event (the reason)."""
 
 _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
@@ -90,16 +99,32 @@ def _int(value: Any, name: str, limit: int) -> int:
     return value
 
 
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
+
+
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} is not a non-empty string: {value!r}")
+        raise ValueError(f"{name} is not a non-empty string: {_show(value)}")
+    return value
+
+
+def _id(value: Any, name: str, pattern=ID_RE) -> str:
+    """An id as the API makes them (``service.domain``): PostgreSQL can index it and lock by it (no NUL)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{name} is not an id the API could have made ({pattern.pattern}): {_show(value)}")
     return value
 
 
 def _parse(entry_id: str, order: dict[str, Any]) -> _Order:
-    """The order's rows, or ValueError naming what is malformed. Shape only: PostgreSQL judges the rest."""
+    """The order's rows, or ValueError naming what is malformed. Ids are checked against the API's rules
+    (a NUL or an over-long key would make PostgreSQL refuse the whole batch's locks or index rows); for the
+    rest shape only: PostgreSQL judges it."""
     if not isinstance(order, dict):
         raise ValueError("order is not a JSON object")
+    if MALFORMED in order:  # _decode's wrapper of an entry that is not an order of its stream's event
+        raise ValueError(order[MALFORMED])
     items: list[tuple[str, str | None, int]] = []
     raw_items = order.get("items")
     if not isinstance(raw_items, list) or not raw_items:
@@ -107,12 +132,12 @@ def _parse(entry_id: str, order: dict[str, Any]) -> _Order:
     for item in raw_items:
         if not isinstance(item, dict):
             raise ValueError("an item is not a JSON object")
-        zone_id = _str(item.get("zone_id"), "zone_id")
+        zone_id = _id(item.get("zone_id"), "zone_id")
         seats = item.get("seats")
         if seats is not None and "quantity" not in item:
             if not isinstance(seats, list) or not seats:
                 raise ValueError(f"zone {zone_id}: seats is not a non-empty list")
-            items.extend((zone_id, _str(s, "seat"), 1) for s in seats)
+            items.extend((zone_id, _id(s, "seat", SEAT_RE), 1) for s in seats)
         elif seats is None and "quantity" in item:
             items.append((zone_id, None, _int(item["quantity"], "quantity", _INT32)))
         else:
@@ -123,9 +148,9 @@ def _parse(entry_id: str, order: dict[str, Any]) -> _Order:
     return _Order(
         entry_id=entry_id,
         payload=order,
-        order_id=_str(order.get("order_id"), "order_id"),
-        event_id=_str(order.get("event_id"), "event_id"),
-        hold_id=_str(order.get("hold_id"), "hold_id"),
+        order_id=_id(order.get("order_id"), "order_id"),
+        event_id=_id(order.get("event_id"), "event_id"),
+        hold_id=_id(order.get("hold_id"), "hold_id"),
         customer_id=_str(order.get("customer_id"), "customer_id"),
         amount_cents=_int(order.get("amount_cents"), "amount_cents", _INT64),
         payment_ref=payment_ref,
@@ -263,7 +288,9 @@ async def _write_once(
 ) -> tuple[set[str], list[str], list[str]]:
     """One attempt: the whole batch in one transaction; if PostgreSQL refuses, entry by entry (savepoints).
 
-    Returns (new order ids, dead-lettered entry ids, event id of each dead letter recorded now).
+    Entry by entry, each order locks its zones and inserts inside its own savepoint, so an order refused
+    even as a lock key is dead-lettered alone. Returns (new order ids, dead-lettered entry ids, event id of
+    each dead letter recorded now). Raises any error that is not ``REFUSED``, whole (nothing committed).
     """
     try:
         async with conn.transaction():
@@ -276,12 +303,17 @@ async def _write_once(
     except REFUSED as exc:
         log.warning("batch of %d orders refused (%s); writing entry by entry", len(orders), _reason(exc))
     async with conn.transaction():
-        await _lock_zones(conn, orders)
+        try:
+            async with conn.transaction():  # every zone at once, in key order (no deadlock), when it can
+                await _lock_zones(conn, orders)
+        except REFUSED:
+            pass  # an order's keys are refused: each order locks its own zones below
         new = set()
         refused = list(malformed)
         for o in orders:
             try:
                 async with conn.transaction():  # a savepoint: a refusal undoes this order only
+                    await _lock_zones(conn, [o])
                     new |= await _insert(conn, [o])
             except REFUSED as exc:
                 refused.append((o.entry_id, o.event_id, o.payload, _reason(exc)))
@@ -296,13 +328,16 @@ async def write_batch(pg: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]
     payment_ref, confirmed_at_ms, items: [{zone_id, quantity} | {zone_id, seats: [...]}]}``. In one
     transaction: insert the orders that are new (``ON CONFLICT (order_id) DO NOTHING``), their items (a
     general-admission item is one row with ``seat`` NULL, a seated item one row per seat), and add the new
-    tickets to ``zones.sold``. If PostgreSQL refuses (constraint or data error), the batch is redone entry
-    by entry so the good ones land and each refused one is recorded in ``dead_letters`` (logged at ERROR,
-    counted in ``boxoffice_dead_letters_total``). A malformed order goes to ``dead_letters`` without a try.
+    tickets to ``zones.sold``. If PostgreSQL refuses (``REFUSED``: a constraint or data error, a key too
+    long to index), the batch is redone entry by entry so the good ones land and each refused one is
+    recorded in ``dead_letters`` (logged at ERROR, counted in ``boxoffice_dead_letters_total``). A
+    malformed order (``_parse``: e.g. an id with a NUL, or too long) goes to ``dead_letters`` without a
+    try, under its event id, or under ``''`` if that id is itself unusable as a key.
 
     Raises asyncpg.PostgresConnectionError / InterfaceError / OSError / TimeoutError when PostgreSQL is
-    unreachable (nothing is half-written: the caller retries later), and any other PostgresError that is
-    not about one order (e.g. a missing table). Deadlocks and serialization failures are retried 3 times.
+    unreachable, or shut down (e.g. AdminShutdownError), and any other PostgresError that is not about one
+    order (e.g. a missing table): nothing is half-written or dead-lettered, the caller retries later. A
+    deadlock or serialization failure is attempted ``TRANSIENT_RETRIES`` (3) times in all, then raised.
     """
     result = BatchResult()
     orders: list[_Order] = []
@@ -312,8 +347,10 @@ async def write_batch(pg: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]
             orders.append(_parse(entry_id, order))
         except ValueError as exc:
             event_id = order.get("event_id") if isinstance(order, dict) else None
+            if not isinstance(event_id, str) or not ID_RE.fullmatch(event_id):
+                event_id = ""  # not storable in dead_letters' (event_id, entry_id) key, or not an event
             payload = order if isinstance(order, dict) else {"order": order}
-            malformed.append((entry_id, event_id if isinstance(event_id, str) else "", payload, _reason(exc)))
+            malformed.append((entry_id, event_id, payload, _reason(exc)))
     if not orders and not malformed:
         return result
     for attempt in range(1, TRANSIENT_RETRIES + 1):
@@ -373,7 +410,10 @@ def _text(value: bytes | str) -> str:
 
 
 def _decode(event_id: str, fields: dict) -> dict[str, Any] | None:
-    """The order of an entry's fields; None for an entry deleted while pending (nothing to write)."""
+    """The order of an entry of ``event_id``'s outbox; None for an entry deleted while pending (nothing to
+    write but the ack). An entry that is not an order of that event (not JSON, no or another event id: a
+    NUL or 12 KB one too) becomes ``{event_id, malformed: reason, fields: raw fields as text}``, which
+    write_batch dead-letters under the stream's event."""
     if not fields:
         return None
     raw = fields.get(b"order", fields.get("order"))
@@ -381,11 +421,13 @@ def _decode(event_id: str, fields: dict) -> dict[str, Any] | None:
         order = orjson.loads(raw) if raw is not None else None
     except orjson.JSONDecodeError:
         order = None
-    if not isinstance(order, dict) or not isinstance(order.get("event_id"), str):
-        # Malformed: write_batch dead-letters it (under the stream's event) with the raw fields.
-        text = {_text(k): _text(v) for k, v in fields.items()}
-        return {"event_id": event_id, "fields": text}
-    return order
+    if isinstance(order, dict) and order.get("event_id") == event_id:
+        return order
+    if isinstance(order, dict):
+        why = f"event_id is not the outbox's event {event_id}: {_show(order.get('event_id'))}"
+    else:
+        why = "the entry's order field is not a JSON object"
+    return {"event_id": event_id, MALFORMED: why, "fields": {_text(k): _text(v) for k, v in fields.items()}}
 
 
 class OutboxConsumer:
@@ -395,7 +437,8 @@ class OutboxConsumer:
     One pass (``run_once``) reads, for each event in ``keys.EVENTS_KEY`` that its own PostgreSQL catalog
     knows (never another deployment's, on a shared Redis): this consumer's own pending
     entries (after start-up or a failure), entries idle longer than ``outbox_claim_idle_ms`` in other
-    consumers (XAUTOCLAIM, Redis >= 6.2; every ``outbox_claim_idle_ms / 2``), then new entries (up to
+    consumers (XAUTOCLAIM, Redis >= 6.2; every ``outbox_claim_idle_ms / 2``, but at least every 5 s and
+    at most every 0.1 s; at once again after a claim found entries), then new entries (up to
     ``outbox_batch_size`` per event). All of them are written in one PostgreSQL transaction; only after
     the commit are they XACKed and XDELed (one MULTI per event: its keys share a slot).
     """
