@@ -477,3 +477,19 @@ async def test_reconcile_cron_job_runs_off_the_worker_loop(pg, inventory, privat
     assert result["events"] >= 1
     assert main.every(30) == {"second": {0, 30}}
     assert main.every(120) == {"minute": set(range(0, 60, 2)), "second": {0}}
+
+
+async def test_a_refused_entry_does_not_hide_another_events_entry_of_the_same_id(pg, inventory):
+    """Entry ids are unique only within one stream: two events' outboxes often hold the same id (same
+    millisecond, sequence 0). Event A's entry refused must not take event B's order of that id out of
+    ``written`` (and so out of the persisted count and the write-lag metric)."""
+    a = await new_event(pg, inventory)
+    b = await new_event(pg, inventory)
+    await buy(inventory, b, "g-1", [{"zone_id": "floor", "quantity": 1}])
+    [(entry_id, good)] = await outbox_entries(inventory.client, b)
+    oversold = forged_order(a, items=[{"zone_id": "floor", "quantity": 1_000}])  # a backstop refuses it
+
+    result = await write_batch(pg, [(entry_id, oversold), (entry_id, good)])
+    assert result.written == [good["order_id"]]
+    assert result.dead_lettered == [entry_id]
+    assert await db.get_order(pg, b, good["order_id"]) is not None

@@ -285,12 +285,13 @@ async def _dead_letter(
 
 async def _write_once(
     conn: asyncpg.Connection, orders: list[_Order], malformed: list[tuple[str, str, dict[str, Any], str]]
-) -> tuple[set[str], list[str], list[str]]:
+) -> tuple[set[str], list[tuple[str, str]], list[str]]:
     """One attempt: the whole batch in one transaction; if PostgreSQL refuses, entry by entry (savepoints).
 
     Entry by entry, each order locks its zones and inserts inside its own savepoint, so an order refused
-    even as a lock key is dead-lettered alone. Returns (new order ids, dead-lettered entry ids, event id of
-    each dead letter recorded now). Raises any error that is not ``REFUSED``, whole (nothing committed).
+    even as a lock key is dead-lettered alone. Returns (new order ids, dead-lettered ``(event id, entry
+    id)``s: entry ids are unique only within one event's stream, event id of each dead letter recorded now).
+    Raises any error that is not ``REFUSED``, whole (nothing committed).
     """
     try:
         async with conn.transaction():
@@ -299,7 +300,7 @@ async def _write_once(
                 await _lock_zones(conn, orders)
                 new = await _insert(conn, orders)
             recorded = await _dead_letter(conn, malformed)
-            return new, [m[0] for m in malformed], recorded
+            return new, [(m[1], m[0]) for m in malformed], recorded
     except REFUSED as exc:
         log.warning("batch of %d orders refused (%s); writing entry by entry", len(orders), _reason(exc))
     async with conn.transaction():
@@ -318,7 +319,7 @@ async def _write_once(
             except REFUSED as exc:
                 refused.append((o.entry_id, o.event_id, o.payload, _reason(exc)))
         recorded = await _dead_letter(conn, refused)
-        return new, [r[0] for r in refused], recorded
+        return new, [(r[1], r[0]) for r in refused], recorded
 
 
 async def write_batch(pg: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]]) -> BatchResult:
@@ -369,7 +370,7 @@ async def write_batch(pg: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]
     counted: set[str] = set()
     persisted: dict[str, int] = {}
     for o in orders:
-        if o.entry_id in refused_ids:
+        if (o.event_id, o.entry_id) in refused_ids:
             continue
         if o.order_id in new and o.order_id not in counted:
             counted.add(o.order_id)
@@ -381,7 +382,7 @@ async def write_batch(pg: asyncpg.Pool, entries: list[tuple[str, dict[str, Any]]
     # one counter write per event and batch (each is an mmap write in multiprocess mode)
     for event_id, n in persisted.items():
         metrics.child(metrics.PERSISTED, event_id).inc(n)
-    result.dead_lettered = refused
+    result.dead_lettered = [entry_id for _, entry_id in refused]
     return result
 
 
