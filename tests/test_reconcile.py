@@ -326,3 +326,24 @@ async def test_repair_keeps_dead_lettered_tickets_sold(scratch):
     assert (await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)).clean
     floor = (await zones(client, eid))["floor"]
     assert (floor["available"], floor["sold"]) == (3, 1)
+
+
+async def test_a_poison_outbox_entry_does_not_break_the_check_and_a_repair_dead_letters_it(scratch):
+    """An outbox entry with an order id PostgreSQL cannot hold (a NUL: only a bug or a hand-made XADD makes
+    one) must not make the check's PostgreSQL read fail; a repair re-drives it into dead_letters."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    good = await buy(client, eid, "c-1", ga=1)
+    [(_, order)] = [(i, json.loads(f[b"order"])) for i, f in await r.xrange(keys.outbox(eid))]
+    poison = {**order, "order_id": "o_bad\x00id", "hold_id": "h_poison"}
+    await r.xadd(keys.outbox(eid), {"order": json.dumps(poison)})
+
+    report = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    assert report.outbox.length == 2
+
+    fixed = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert kinds(fixed) <= {reconcile.DEAD_LETTERS, reconcile.SOLD}, fixed.drifts
+    assert await db.get_order(pg, eid, good["order_id"]) is not None
+    assert await r.xlen(keys.outbox(eid)) == 0
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", eid) == 1

@@ -75,7 +75,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
 from service import catalog, db, keys, metrics
-from service.domain import EVENT_ON_SALE, EVENT_PAUSED, HOLD_ACTIVE
+from service.domain import EVENT_ON_SALE, EVENT_PAUSED, HOLD_ACTIVE, ID_RE
 from service.errors import DomainError
 from service.inventory import Inventory
 from service.settings import Settings
@@ -500,6 +500,16 @@ def _dead_lettered(rows: list[asyncpg.Record], before_ms: int | None, outbox_ids
     return dict(tickets), seats
 
 
+def _order_ids(outbox: list[tuple[str, dict]]) -> list[str]:
+    """The outbox's order ids that PostgreSQL could hold: ids as the API makes them. A poison entry's (a NUL
+    or 12 KB id, which the worker dead-letters) would make PostgreSQL refuse the whole read."""
+    return [
+        o["order_id"]
+        for _, o in outbox
+        if isinstance(o.get("order_id"), str) and ID_RE.fullmatch(o["order_id"])
+    ]
+
+
 async def _read_record(
     pg: asyncpg.Pool, event_id: str, before_ms: int | None, outbox_ids: list[str]
 ) -> _Record:
@@ -611,7 +621,7 @@ async def _check(
     holds, held_counters, report.held_checked = await _read_active_holds(
         client, event_id, zone_ids, list(live.expiry)
     )
-    outbox_ids = [o["order_id"] for _, o in live.outbox if isinstance(o.get("order_id"), str)]
+    outbox_ids = _order_ids(live.outbox)
     record = await _read_record(pg, event_id, live.now_ms, outbox_ids)
     in_flight, flight_tickets, flight_seats = _in_flight(live.outbox, record.persisted)
     report.active_holds = len(live.expiry)
@@ -1012,8 +1022,7 @@ async def _restore_counters(
                 # Reads on other connections: any change to a watched key from now on aborts the EXEC.
                 live = await _read_live(client, event_id, zone_ids)
                 holds = await _read_holds(client, event_id, list(live.expiry))
-                outbox_ids = [o["order_id"] for _, o in live.outbox if isinstance(o.get("order_id"), str)]
-                record = await _read_record(pg, event_id, None, outbox_ids)
+                record = await _read_record(pg, event_id, None, _order_ids(live.outbox))
                 _, flight_tickets, flight_seats = _in_flight(live.outbox, record.persisted)
                 actions, zone_fields, owner_set, owner_del = _plan_counters(
                     event_id, zone_ids, live, holds, record, flight_tickets, flight_seats
