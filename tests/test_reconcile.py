@@ -27,6 +27,7 @@ from test_rebuild import (  # noqa: F401
 from service import db, keys
 from service.domain import HoldRequest
 from service.errors import DomainError
+from service.rebuild import rebuild_event
 from workers import reconcile
 from workers.outbox import OutboxConsumer
 from workers.reconcile import cron_reconcile, reconcile_event, run_cli
@@ -347,3 +348,34 @@ async def test_a_poison_outbox_entry_does_not_break_the_check_and_a_repair_dead_
     assert await db.get_order(pg, eid, good["order_id"]) is not None
     assert await r.xlen(keys.outbox(eid)) == 0
     assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", eid) == 1
+
+
+async def test_rebuild_keeps_dead_lettered_stock_sold(scratch):
+    """After Redis lost the event, a rebuild from PostgreSQL must not put a dead-lettered order's seat and
+    tickets back on sale either: a person decides about them, as with a repair."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    await buy(client, eid, "c-1", ga=1, seats=["A2"])
+    await write_through(eid)
+    seat_order = await dead_lettered_sale(client, inventory, pg, write_through, eid, "sec-101", seats=["A1"])
+    ga_order = await dead_lettered_sale(client, inventory, pg, write_through, eid, "floor", ga=2)
+    await pg.execute(
+        "UPDATE zones SET sold = 1 WHERE event_id = $1", eid
+    )  # the drift that caused them, fixed
+
+    await r.flushall()
+    await rebuild_event(inventory, pg, eid, resume=True)
+
+    assert await r.hget(keys.owners(eid, "sec-101"), "A1") == f"s:{seat_order['order_id']}".encode()
+    by_zone = await zones(client, eid)
+    assert (by_zone["sec-101"]["sold"], by_zone["floor"]["sold"]) == (2, 3)
+    for z in by_zone.values():
+        assert z["held"] == 0 and z["available"] == z["capacity"] - z["sold"]
+    taken = await hold(client, eid, "c-2", seats=["A1"])
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "seats_unavailable"
+    report = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    assert kinds(report) == {reconcile.DEAD_LETTERS}, report.drifts
+    assert sorted({d.kind: d.examples for d in report.drifts}[reconcile.DEAD_LETTERS]) == sorted(
+        [seat_order["order_id"], ga_order["order_id"]]
+    )

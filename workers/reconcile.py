@@ -510,6 +510,15 @@ def _order_ids(outbox: list[tuple[str, dict]]) -> list[str]:
     ]
 
 
+async def dead_lettered_stock(
+    conn: asyncpg.Connection | asyncpg.Pool, event_id: str
+) -> tuple[dict[str, int], dict[tuple[str, str], str]]:
+    """The stock of the event's dead-lettered orders that PostgreSQL's ``orders`` lacks, which stays sold
+    until a person decides: (zone -> tickets, (zone, seat) -> order id). For ``boxoffice rebuild``, after the
+    outbox was re-driven (nothing in flight). PostgreSQL errors propagate."""
+    return _dead_lettered(await conn.fetch(_DEAD_UNWRITTEN_SQL, event_id), None, [])
+
+
 async def _read_record(
     pg: asyncpg.Pool, event_id: str, before_ms: int | None, outbox_ids: list[str]
 ) -> _Record:
