@@ -56,7 +56,7 @@ IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 def normalize_seat(label: str) -> str:
     """Seat labels are trimmed and upper-cased: ``" a1 "`` -> ``"A1"``. Raises ValueError if malformed."""
     seat = label.strip().upper()
-    if not SEAT_RE.match(seat):
+    if not SEAT_RE.fullmatch(seat):
         raise ValueError(f"seat label {label!r} is not 1-32 of A-Z, 0-9, '.', '_', '-'")
     return seat
 
@@ -218,7 +218,7 @@ def _iso_seconds(seconds: int) -> str:
 
 def check_ident(value: str, what: str) -> str:
     """Path parameters: 404-shaped ids are rejected early as not found, never passed into a key."""
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise DomainError(f"{what}_not_found")
     return value
 
@@ -226,7 +226,7 @@ def check_ident(value: str, what: str) -> str:
 def check_idempotency_key(value: str | None) -> str:
     if value is None:
         return ""
-    if not IDEMPOTENCY_KEY_RE.match(value):
+    if not IDEMPOTENCY_KEY_RE.fullmatch(value):
         raise DomainError(
             "validation_failed",
             details={"errors": [{"field": "Idempotency-Key", "message": "1-255 visible ASCII characters"}]},

@@ -29,7 +29,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         rid = header(scope, b"x-request-id")
-        if rid is None or not _VALID_ID.match(rid):
+        if rid is None or not _VALID_ID.fullmatch(rid):
             rid = os.urandom(16).hex()
         token = request_id.set(rid)
         status = 500

@@ -493,3 +493,15 @@ async def test_app_state_reads_never_fall_back_to_getattr(app, client, make_even
     monkeypatch.undo()
     with pytest.raises(AttributeError):
         _ = app.state.probe
+
+
+def test_ids_may_not_end_in_a_newline():
+    """``$`` also matches before a final newline: ids are checked whole (``fullmatch``)."""
+    from service.domain import check_idempotency_key, check_ident
+    from service.errors import DomainError
+
+    assert check_ident("e1", "event") == "e1"
+    with pytest.raises(DomainError, match="event_not_found"):
+        check_ident("e1\n", "event")
+    with pytest.raises(DomainError, match="validation_failed"):
+        check_idempotency_key("k1\n")
