@@ -99,9 +99,10 @@ def _int(value: Any, name: str, limit: int) -> int:
     return value
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut after ``limit`` characters (a malformed id can be 12 KB)."""
     text = repr(value)
-    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _str(value: Any, name: str) -> str:
@@ -273,12 +274,19 @@ async def _dead_letter(
     }
     for event_id, order_id, entry_id, _, reason in rows:
         if (event_id, entry_id) in recorded:
-            log.error(
-                "dead letter: event %s entry %s order %s refused: %s", event_id, entry_id, order_id, reason
+            log.error(  # ids cut short: a malformed one can be 12 KB
+                "dead letter: event %s entry %s order %s refused: %s",
+                _show(event_id),
+                entry_id,
+                _show(order_id),
+                _show(reason, 500),
             )
         else:
             log.warning(
-                "dead letter again (recorded before): event %s entry %s: %s", event_id, entry_id, reason
+                "dead letter again (recorded before): event %s entry %s: %s",
+                _show(event_id),
+                entry_id,
+                _show(reason, 500),
             )
     return [event_id for event_id, _ in recorded]
 
