@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     before the connection's stall watchdog gives up on it)."""
 
     # Ops
-    reconcile_interval_seconds: int = 30
+    reconcile_interval_seconds: int = Field(default=30, ge=1)
+    """Cron period, aligned on the clock (``workers.main.every``): past a minute, whole minutes (rounded down)."""
     metrics_dir: str | None = Field(
         default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "BOXOFFICE_METRICS_DIR")
     )

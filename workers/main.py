@@ -143,8 +143,9 @@ async def _reconcile_alone(cron_reconcile, settings: Settings) -> Any:
 
 
 def every(seconds: int) -> dict[str, set[int]]:
-    """arq cron fields for "every ``seconds``", aligned on the clock: 30 -> second {0, 30}; 120 -> minute
-    {0, 2, ...} at second 0. A period that does not divide a minute (or an hour) restarts at each minute
+    """arq cron fields for "every ``seconds``" (>= 1), aligned on the clock: 30 -> second {0, 30}; 120 ->
+    minute {0, 2, ...} at second 0. Past a minute the period is whole minutes, rounded down: 90 -> every
+    minute, 150 -> every 2. A period that does not divide a minute (or an hour) restarts at each minute
     (hour): 45 -> second {0, 45}. Periods of an hour or more run hourly."""
     if seconds < 60:
         return {"second": set(range(0, 60, max(1, seconds)))}
