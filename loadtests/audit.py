@@ -55,7 +55,7 @@ CHECKS: dict[str, str] = {
     "drain": "write-through drained (outbox backlog 0) within the timeout",
     "dead_letters": "PostgreSQL refused no outbox entry of this event",
     "holds": "after expiry: held 0, available == capacity - sold, no held seat; abandoned holds expired",
-    "late_confirms": "no acked order confirmed at or after its hold's expires_at",
+    "late_confirms": "no order confirmed at or after its hold's expires_at (the ack's, or the hold record's in Redis)",
 }
 
 
@@ -498,6 +498,7 @@ async def audit_event(
     for order_id, n in acked_orders.items():
         if n > 1:
             report.add("acks", f"order {order_id} acknowledged with 201 {n} times")
+    late: set[str] = set()
     for a in confirms:
         o = orders.get(a["order_id"])
         if o is None:
@@ -511,11 +512,29 @@ async def audit_event(
             )
         expires_at_ms = a.get("expires_at_ms")
         if expires_at_ms is not None and o["confirmed_at_ms"] >= expires_at_ms:
+            late.add(a["order_id"])
             report.add(
                 "late_confirms",
                 f"order {a['order_id']} confirmed at {o['confirmed_at_ms']:.0f} ms, "
                 f"its hold expired at {expires_at_ms} ms",
             )
+    # Every order, acked or not (a 201 lost to a timeout), against its hold record (kept for
+    # hold_retention_seconds): the confirm script must refuse a hold at or past its expires_at_ms.
+    if orders:
+        ids = list(orders)
+        async with redis.pipeline(transaction=False) as pipe:
+            for oid in ids:
+                pipe.hget(keys.hold(event_id, orders[oid]["hold_id"]), "expires_at_ms")
+            hold_expiry = await pipe.execute()
+        for oid, expires_at_ms in zip(ids, hold_expiry, strict=True):
+            if expires_at_ms is None or oid in late:
+                continue
+            if orders[oid]["confirmed_at_ms"] >= int(expires_at_ms):
+                report.add(
+                    "late_confirms",
+                    f"order {oid} confirmed at {orders[oid]['confirmed_at_ms']:.0f} ms, its hold "
+                    f"{orders[oid]['hold_id']} expired at {int(expires_at_ms)} ms (Redis' hold record)",
+                )
 
     # Orders nobody acked must be known to Redis (a lost 201), else they came from nowhere
     unacked = [oid for oid in orders if oid not in acked_orders]

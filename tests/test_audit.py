@@ -239,6 +239,12 @@ async def _plant_late_confirm(ctx):
     ctx.acks[0]["expires_at_ms"] = ctx.acks[0]["confirmed_at_ms"] - 1
 
 
+async def _plant_unacked_late_confirm(ctx):
+    """Its 201 was lost (no ack): the hold record in Redis still tells when the hold expired."""
+    lost = ctx.acks.pop(0)
+    await ctx.rclient.hset(keys.hold(ctx.eid, lost["hold_id"]), "expires_at_ms", lost["confirmed_at_ms"] - 1)
+
+
 async def _plant_hold_confirmed_twice(ctx):
     ctx.acks.append({**ctx.acks[0], "order_id": "o_second"})
 
@@ -264,6 +270,7 @@ PLANTS = {
     "held stock not returned": (_plant_stock_not_returned, {"holds"}),
     "acked order lost": (_plant_lost_write, {"acks", "redis_pg"}),
     "confirmed after expiry": (_plant_late_confirm, {"late_confirms"}),
+    "unacked order confirmed after expiry": (_plant_unacked_late_confirm, {"late_confirms"}),
     "hold confirmed into two orders": (_plant_hold_confirmed_twice, {"acks"}),
     "write-through not drained": (_plant_not_drained, {"drain", "acks", "redis_pg"}),
     "abandoned hold was confirmed": (_plant_abandoned_hold_confirmed, {"holds"}),
