@@ -72,6 +72,17 @@ def _reply(raw: bytes | str, fields: dict[str, str] = _VALIDATION) -> dict[str, 
     raise DomainError(err, details=details or None)
 
 
+def _name_the_item(exc: DomainError, req: HoldRequest) -> None:
+    """A script's error about one item of a hold (``zone_id`` in its details) names that item's field as
+    pydantic names its own errors: ``items.<index>.seats`` or ``items.<index>.quantity``."""
+    for error in exc.details.get("errors", ()):
+        if error.get("field") != "items":
+            continue
+        for i, item in enumerate(req.items):
+            if item.zone_id == error.get("zone_id"):
+                error["field"] = f"items.{i}.{'seats' if item.seats is not None else 'quantity'}"
+
+
 class Inventory:
     """Atomic inventory operations for one process. Raises DomainError; Redis failures propagate."""
 
@@ -122,7 +133,11 @@ class Inventory:
                 "expires_at_ms": expires_at_ms,
             }
             return hold, False
-        data = _reply(raw)
+        try:
+            data = _reply(raw)
+        except DomainError as exc:
+            _name_the_item(exc, req)
+            raise
         return data["hold"], data["replay"]
 
     async def confirm(self, event_id: str, hold_id: str, payment_ref: str) -> tuple[dict, bool]:
