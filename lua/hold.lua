@@ -6,7 +6,9 @@
   KEYS[1]  {evt:E}:meta       event hash (other keys of the event are built from its prefix)
   ARGV[1]  retention_seconds  integer, how long a hold record outlives its end
   ARGV[2]  reap_limit         integer, most expired holds reaped per batch, only when a refusal could
-                              come from holds that expired but wait to be reaped (the sweeper does the rest)
+                              come from holds that expired but wait to be reaped; at most REAP_BATCHES
+                              batches a call, so one call never blocks Redis for long (the sweeper does
+                              the rest)
   then 5 arguments per hold:
     hold_id           string, chosen by the caller; a second call with the same id returns the first
                       hold unchanged (safe to run twice: a call is sent again after a timeout)
@@ -33,10 +35,13 @@
 ]]
 --- @include common
 
+local REAP_BATCHES = 3
+
 local meta_key = KEYS[1]
 local prefix = prefix_of(meta_key)
 local retention = tonumber(ARGV[1])
 local reap_limit = tonumber(ARGV[2])
+local reaps_left = REAP_BATCHES
 
 -- Read once for every hold of the call: the clock, and the event (no hold changes it).
 local now = now_ms()
@@ -46,8 +51,8 @@ local ckey = prefix .. 'customers'
 local expiry_key = prefix .. 'expiry'
 
 -- Zones are read once per call and their counters written once, at its end: the holds of one call nearly
--- always take tickets of the same few zones. zones[Z] is Redis' HMGET reply {kind, available, price_cents}
--- (numbers) from the first read, false for no such zone; what this call's holds took since waits in
+-- always take tickets of the same few zones. zones[Z] is Redis' HMGET reply {kind, available, price_cents,
+-- held} (numbers) from the first read, false for no such zone; what this call's holds took since waits in
 -- `moved`. Before anything else moves stock (reaping, settling a hold read back), sync() writes the
 -- moves and forgets the zones. (redis-server under callgrind, GA holds: 125.1k -> 101.2k instructions per
 -- hold at 12 holds a call, 208.8k -> 200.7k at 2; a call of one hold pays ~10k more, ~5 %.)
@@ -56,9 +61,9 @@ local zones, moved = {}, {}
 local function zone(zone_id)
   local z = zones[zone_id]
   if z == nil then
-    z = redis.call('HMGET', prefix .. 'zone:' .. zone_id, 'kind', 'available', 'price_cents')
+    z = redis.call('HMGET', prefix .. 'zone:' .. zone_id, 'kind', 'available', 'price_cents', 'held')
     if z[1] then
-      z[2], z[3] = tonumber(z[2]), tonumber(z[3])
+      z[2], z[3], z[4] = tonumber(z[2]), tonumber(z[3]), tonumber(z[4])
     else
       z = false
     end
@@ -77,6 +82,14 @@ local function sync()
   zones = {}
 end
 
+-- Reap one more batch of expired holds, if this call may still: true if it reaped any.
+local function reap_more()
+  if reaps_left == 0 then return false end
+  reaps_left = reaps_left - 1
+  sync()
+  return reap(prefix, now, reap_limit, retention) > 0
+end
+
 -- No reaping up front: a hold that fits does not need expired stock back, and every refusal below reaps
 -- and checks again. A hold read back is settled (an active one past its expiry is ended as expired).
 local function view(id)
@@ -87,10 +100,11 @@ local function view(id)
 end
 
 -- Check every item before writing anything: all or none. Returns true, tickets, amount when all fit,
--- else false, the refusal reply, and whether reaping more expired holds could change the answer.
+-- else false, the refusal reply, and whether reaping more expired holds could change the answer (reaping
+-- turns held stock and seats into available ones: never sold ones).
 local function check(items)
   local tickets, amount = 0, 0
-  local taken
+  local taken, sold
   for _, item in ipairs(items) do
     local z = zone(item.zone_id)
     if not z then return false, fail('zone_not_found', { zone_id = item.zone_id }), false end
@@ -107,20 +121,23 @@ local function check(items)
         if owners[i] then
           taken = taken or {}
           taken[#taken + 1] = { zone_id = item.zone_id, seat = seat }
+          sold = sold or string.sub(owners[i], 1, 2) == 's:'
         end
       end
     else
       if z[1] ~= 'ga' then return false, fail('invalid_item', { zone_id = item.zone_id, reason = 'seated zone: give seats, not quantity' }), false end
       local available = z[2] - (moved[item.zone_id] or 0)
       if item.quantity > available then
-        return false, fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available }), true
+        -- only stock held when the zone was read (z[4]; this call's own holds are not expired) can come back
+        return false, fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available }),
+          item.quantity <= available + z[4]
       end
     end
     local n = item_count(item)
     tickets = tickets + n
     amount = amount + n * z[3]
   end
-  if taken then return false, fail('seats_unavailable', { seats = taken }), true end
+  if taken then return false, fail('seats_unavailable', { seats = taken }), not sold end
   return true, tickets, amount
 end
 
@@ -155,16 +172,24 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   if ttl_seconds > max_ttl then return fail('ttl_too_long', { max_ttl_seconds = max_ttl }) end
 
   -- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
-  -- expires many holds in the same millisecond): while one could change the answer, reap another batch.
+  -- expires many holds in the same millisecond): while one could change the answer, reap another batch,
+  -- up to REAP_BATCHES a call (then the sweeper's next pass gives the rest back).
   local items = decoded[items_json]
   if not items then
     items = cjson.decode(items_json)
     decoded[items_json] = items
   end
   local fits, result, extra = check(items)
+  if not fits and extra then
+    local wanted = 0
+    for _, item in ipairs(items) do wanted = wanted + item_count(item) end
+    if wanted > limit then  -- over the limit on its own: no reaping can make it fit
+      local current = tonumber(redis.call('HGET', ckey, customer_id)) or 0
+      return fail('limit_exceeded', { limit = limit, current = current, requested = wanted })
+    end
+  end
   while not fits and extra do
-    sync()
-    if reap(prefix, now, reap_limit, retention) == 0 then break end
+    if not reap_more() then break end
     fits, result, extra = check(items)
   end
   if not fits then return result end
@@ -176,8 +201,7 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   local count = redis.call('HINCRBY', ckey, customer_id, int(tickets))
   while count > limit do
     count = redis.call('HINCRBY', ckey, customer_id, int(-tickets))
-    sync()
-    if reap(prefix, now, reap_limit, retention) == 0 then
+    if tickets > limit or not reap_more() then  -- over the limit on its own: no reaping can help
       if count <= 0 then redis.call('HDEL', ckey, customer_id) end
       return fail('limit_exceeded', { limit = limit, current = count, requested = tickets })
     end
@@ -191,7 +215,8 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
   redis.call('HSET', hkey, 'hold_id', hold_id, 'customer_id', customer_id, 'status', 'active',
     'items', items_json, 'tickets', int(tickets), 'amount_cents', int(amount),
     'created_at_ms', int(now), 'expires_at_ms', expires_s)
-  redis.call('EXPIRE', hkey, int(ttl_seconds + retention))
+  -- No TTL while active: the record must outlive any reaping delay, or its stock would stay held for good.
+  -- It gets hold_retention_seconds when it ends (end_hold, confirm).
   redis.call('ZADD', expiry_key, expires_s, hold_id)
   if idem then
     redis.call('SET', idem, body_sha .. ' ' .. hold_id, 'EX', idem_ttl)

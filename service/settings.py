@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     hold_retention_seconds: int = Field(default=86400, ge=1)
     """How long a hold record stays in Redis after it ends (confirmed, released, expired)."""
     reap_batch: int = Field(default=200, ge=1)
-    """Most expired holds one script call reaps (the sweeper loops for the rest)."""
+    """Most expired holds one script call reaps in a batch (the sweeper loops for the rest; a hold that would
+    be refused reaps at most 3 batches, ``lua/hold.lua``)."""
     sweeper_interval_seconds: float = 0.25
 
     # Write-through

@@ -393,6 +393,60 @@ async def test_expired_holds_beyond_one_reap_batch_never_refuse_a_buyer(any_redi
     await inv.unload_event(eid)
 
 
+async def test_an_active_hold_outlives_any_reaping_delay(any_redis):
+    """An active hold's record has no TTL: with nothing reaping for longer than hold_retention_seconds past
+    its expiry, it must still be there to give its stock, seat and customer count back. (With a TTL of
+    ttl + retention the record vanished first and its stock stayed held for good.)"""
+    s = Settings(redis_url="redis://unused", database_url="postgresql://unused", hold_retention_seconds=1)
+    inv = Inventory(any_redis, s)
+    eid = new_event_id("outlive")
+    await inv.load_event(spec(eid, ga=2, seats=2, per_customer=2))
+    try:
+        hold, _ = await inv.hold(eid, req(customer="alice", ttl=1, ga=1, seats=["A1"]))
+        assert await any_redis.ttl(keys.hold(eid, hold["hold_id"])) == -1  # no TTL while active
+        await asyncio.sleep(2.2)  # past expiry + retention, and nothing reaped
+        assert await inv.reap(eid) == 1
+        z = await zones(inv, eid)
+        assert (z["ga"]["available"], z["s"]["available"]) == (2, 2)
+        assert await any_redis.hget(keys.customers(eid), "alice") is None
+        assert 0 < await any_redis.ttl(keys.hold(eid, hold["hold_id"])) <= 1  # ended: kept for retention
+        await inv.hold(eid, req(customer="alice", ga=1, seats=["A1"]))  # her limit and the seat are free
+    finally:
+        await inv.unload_event(eid)
+
+
+async def test_a_refused_hold_reaps_a_bounded_number_of_batches_and_none_that_cannot_help(any_redis):
+    """A refusal reaps expired holds only if they could change it (held stock or seats; not sold ones, not
+    a request over the customer limit on its own) and at most 3 reap batches a call, so one hopeless hold
+    never blocks Redis to reap a whole flash sale's backlog (the sweeper does that, a batch per call)."""
+    s = Settings(redis_url="redis://unused", database_url="postgresql://unused", reap_batch=1)
+    inv = Inventory(any_redis, s)
+    eid = new_event_id("budget")
+    await inv.load_event(spec(eid, ga=2, seats=31, per_customer=2))
+    expiry = keys.expiry(eid)
+    try:
+        for i in range(1, 31):  # 30 seat holds that will expire, waiting to be reaped
+            await inv.hold(eid, req(customer=f"c{i}", ttl=1, seats=[f"A{i}"]))
+        bought, _ = await inv.hold(eid, req(customer="buyer", ga=1, seats=["A31"]))
+        await inv.confirm(eid, bought["hold_id"], "pay")  # ga: 1 sold; A31 sold
+        await inv.hold(eid, req(customer="holder", ga=1))  # ga: 1 held by an active hold
+        await asyncio.sleep(1.05)
+        assert await any_redis.zcard(expiry) == 31
+
+        # Sold stock, a sold seat, a request over the limit on its own: reaping cannot help, none is reaped.
+        assert await code_of(inv.hold(eid, req(customer="x", ga=2))) == "sold_out"  # > available + held
+        assert await code_of(inv.hold(eid, req(customer="x", seats=["A31"]))) == "seats_unavailable"
+        assert await code_of(inv.hold(eid, req(customer="x", seats=["A1", "A2", "A3"]))) == "limit_exceeded"
+        assert await any_redis.zcard(expiry) == 31
+
+        # Held stock could come back: 3 batches of 1 are reaped, then the call gives up.
+        assert await code_of(inv.hold(eid, req(customer="x", ga=1))) == "sold_out"
+        assert await any_redis.zcard(expiry) == 31 - 3
+        await zones(inv, eid)
+    finally:
+        await inv.unload_event(eid)
+
+
 def test_ids_are_unique_and_a_forked_child_never_reuses_its_parents():
     """new_id hands out os.urandom bytes read ahead in 4 KiB; a fork must not copy what is left of them."""
     import os
