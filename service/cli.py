@@ -59,14 +59,15 @@ def serve(
     """Serve the JSON API with uvicorn (several worker processes, one Redis pool each)."""
     import tempfile
 
+    settings = resolve_settings()
+    if not _export_metrics_dir(settings):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="boxoffice-metrics-")
+
     from service import serving
     from service.migrate import migrate
 
-    settings = resolve_settings()
     if migrate_first:
         migrate(settings.database_url)
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="boxoffice-metrics-")
     serving.run(
         settings,
         host=host or settings.host,
@@ -78,15 +79,28 @@ def serve(
 @app.command()
 def worker() -> None:
     """Run an arq worker: outbox write-through to PostgreSQL, the expiry sweeper, and the reconcile cron job."""
+    settings = resolve_settings()
+    _export_metrics_dir(settings)
+
     from workers.main import queue_redis_url, run_worker
 
-    settings = resolve_settings()
     try:
         queue_redis_url(settings)
     except RuntimeError as exc:
         typer.echo(f"boxoffice worker: {exc}", err=True)
         _exit(2)
     run_worker(settings)
+
+
+def _export_metrics_dir(settings: Settings) -> bool:
+    """prometheus_client reads only ``PROMETHEUS_MULTIPROC_DIR``, once, when first imported: export
+    ``BOXOFFICE_METRICS_DIR`` under that name (creating the folder) before anything imports it. True if a
+    multi-process folder is set."""
+    if not settings.metrics_dir:
+        return False
+    Path(settings.metrics_dir).mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = settings.metrics_dir
+    return True
 
 
 @app.command()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from typing import Any
 
@@ -184,12 +185,28 @@ def queue_redis_url(settings: Settings) -> str:
     return settings.redis_url
 
 
+def serve_metrics(host: str, port: int) -> None:
+    """Serve this process's Prometheus metrics on ``http://host:port/`` from a daemon thread (prometheus_client's
+    own server; merged with the folder's other processes when ``PROMETHEUS_MULTIPROC_DIR`` is set). Raises
+    OSError if the port cannot be bound."""
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+
 def run_worker(settings: Settings) -> None:
     """Run the worker until SIGINT / SIGTERM (blocking). Both URLs must be set in ``settings``; on a Redis
     Cluster, ``queue_redis_url`` too (``queue_redis_url``). Raises RuntimeError when one is missing."""
     configure_logging(settings.log_level)
     if not settings.redis_url or not settings.database_url:
         raise RuntimeError("REDIS_URL and DATABASE_URL must be set")
+    if settings.worker_metrics_port:
+        serve_metrics(settings.host, settings.worker_metrics_port)
     arq_run_worker(
         WorkerSettings,
         redis_settings=RedisSettings.from_dsn(queue_redis_url(settings)),
