@@ -24,7 +24,7 @@ and are reaped right after it, outside the timing. The worker's reconciliation c
 hour so it does not land inside a load run. CPU time per request of each process group (API, Redis, worker,
 PostgreSQL backends, wrk) is read from /proc around each run. Tools are named in the
 output next to each figure; the report starts with the machine (CPU, versions) and a Python speed gauge.
-``wrk`` is required (Debian: ``apt-get install -y wrk``).
+``wrk`` and ``redis-benchmark`` are required (Debian: ``apt-get install -y wrk redis-tools``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 One ``Sale`` per Locust process, set up on ``test_start``:
 
 * the local runner, or the master of a distributed run, creates the event through the admin API
-  (``POST /v1/events`` with ``--admin-token`` / ``BOXOFFICE_ADMIN_TOKEN``) under a fresh id, or uses
-  ``--event-id`` if that event exists already, and puts the id into ``parsed_options.event_id``; Locust
+  (``POST /v1/events`` with ``--admin-token`` / ``BOXOFFICE_ADMIN_TOKEN``) under a fresh id, or
+  ``--event-id`` (created if missing, else reused), and puts the id into ``parsed_options.event_id``; Locust
   sends custom options to the workers with each spawn message, so every worker sees the same id;
 * every process that runs users reads the event back (``GET /v1/events/{id}`` and the seat map pages),
   so users know zone ids and seat labels in seat-map order.
@@ -123,13 +123,13 @@ def add_arguments(parser: Any, *, tickets: int, hold_ttl_seconds: int, demand_ra
         "--sale-tickets",
         type=int,
         default=tickets,
-        help="Tickets for sale in a new event (0: users x 2.5 / --demand-ratio).",
+        help="Tickets for sale in a new event (0: the scenario's default; flash_sale: users x 2.5 / --demand-ratio).",
     )
     g.add_argument(
         "--demand-ratio",
         type=float,
         default=demand_ratio,
-        help="With --sale-tickets 0: first-wave demand / supply.",
+        help="flash_sale with --sale-tickets 0: first-wave demand / supply.",
     )
     g.add_argument("--hold-ttl", type=int, default=hold_ttl_seconds, help="ttl_seconds of each hold.")
     g.add_argument(

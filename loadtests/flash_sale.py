@@ -8,7 +8,7 @@ Headless, one command (the API must be up: ``boxoffice serve``; the audit needs 
 Web UI: ``locust -f loadtests/flash_sale.py --host http://127.0.0.1:8000`` and open http://localhost:8089.
 Distributed on one machine: ``--master`` plus ``--worker`` processes (``--processes 4`` does both).
 Options (``loadtests/common.py``, ``add_arguments``; the web UI shows them too): ``--sale-tickets``
-(default 0: users x 2.5 / 20, so first-wave demand is 20x supply; but at least 40 tickets, 10 per
+(default 0: users x 2.5 / ``--demand-ratio``, default 20, so first-wave demand is 20x supply; but at least 40 tickets, 10 per
 zone, so below 320 users the ratio is lower: 100 users make 6x), ``--hold-ttl`` (5 s),
 ``--event-id``, ``--acks-dir``, ``--audit-drain-timeout`` (30 s), ``--skip-audit``, ``--admin-token``
 (``BOXOFFICE_ADMIN_TOKEN``).

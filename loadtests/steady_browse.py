@@ -6,8 +6,8 @@ running ``boxoffice worker``)::
     locust -f loadtests/steady_browse.py --headless -u 500 -r 100 -t 60s --host http://127.0.0.1:8000
 
 Web UI: ``locust -f loadtests/steady_browse.py --host http://127.0.0.1:8000``. The options are those of
-``loadtests/flash_sale.py``; here ``--sale-tickets`` defaults to 20,000 (the event
-does not sell out) and ``--hold-ttl`` to 10 s.
+``loadtests/flash_sale.py``; here ``--sale-tickets`` defaults to 20,000 (0 means that too: the event
+does not sell out), ``--demand-ratio`` is not used, and ``--hold-ttl`` defaults to 10 s.
 
 Each user, 1-3 s apart: reads availability (weight 10), pages through a seat map (weight 6: a page of
 100 seats, any status or only available ones, from a random place), reads the event (weight 2), or buys

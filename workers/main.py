@@ -81,7 +81,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 async def drain_outbox(ctx: dict[str, Any], event_id: str | None = None) -> None:
-    """Job: wake the outbox loop now (the API may enqueue it after a confirm). The loop writes every event."""
+    """Job: wake the outbox loop now (for ops: ``arq`` can enqueue it; nothing in boxoffice does). The loop
+    writes every event."""
     ctx["outbox"].wake()
 
 

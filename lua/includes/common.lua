@@ -10,7 +10,7 @@
     prefix.."owner:"..Z     hash   seat label -> "h:<hold_id>" (held) or "s:<order_id>" (sold)
     prefix.."hold:"..H      hash   hold_id, customer_id, status, items (JSON), tickets, amount_cents,
                                    created_at_ms, expires_at_ms, [ended_at_ms], [order_id, payment_ref,
-                                   confirmed_at_ms]; key TTL: expiry + retention while active, retention after
+                                   confirmed_at_ms]; key TTL: none while active, retention after it ends
     prefix.."expiry"        zset   hold_id -> expires_at_ms, active holds only
     prefix.."customers"     hash   customer_id -> tickets in active holds + confirmed orders
     prefix.."idem:"..K      string "<body_sha256> <hold_id>", TTL idempotency_ttl_seconds
