@@ -6,10 +6,13 @@ All functions take an asyncpg pool or connection; asyncpg errors propagate unles
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from service.domain import EventSpec, ZoneSpec
 from service.errors import DomainError
@@ -120,6 +123,93 @@ async def tickets_by_customer(pool: asyncpg.Pool, event_id: str) -> dict[str, in
         event_id,
     )
     return {r["customer_id"]: r["tickets"] for r in rows}
+
+
+@dataclass
+class DeadOrder:
+    """An acknowledged order PostgreSQL refused (``dead_letters``) and its ``orders`` lacks: a person decides
+    (refund or re-seat), and until then its stock stays sold (``workers/reconcile.py``, ``service/rebuild.py``)."""
+
+    order_id: str
+    confirmed_at_ms: float
+    ga: dict[str, int]
+    """zone -> general-admission tickets."""
+    seats: list[tuple[str, str]]
+    """(zone, seat) of its seats that the event's seat map has (one it lacks was refused as unknown)."""
+
+
+_DEAD_UNWRITTEN_SQL = """
+SELECT DISTINCT ON (d.order_id) d.order_id, d.payload FROM dead_letters d
+WHERE d.event_id = $1 AND d.order_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = d.order_id)
+ORDER BY d.order_id, d.id
+"""
+_KNOWN_SEATS_SQL = """
+SELECT s.zone_id, s.seat FROM seats s JOIN unnest($2::text[], $3::text[]) AS u (zone_id, seat)
+  ON s.zone_id = u.zone_id AND s.seat = u.seat
+WHERE s.event_id = $1
+"""
+
+
+async def dead_orders(conn: asyncpg.Connection | asyncpg.Pool, event_id: str) -> list[DeadOrder]:
+    """The event's dead-lettered orders that ``orders`` lacks, parsed from their payloads (the confirm script's
+    order, ``lua/confirm.lua``); a payload that is not one (malformed) is left out: it holds no stock."""
+    out: list[DeadOrder] = []
+    for r in await conn.fetch(_DEAD_UNWRITTEN_SQL, event_id):
+        order = _dead_order(r["payload"], r["order_id"])
+        if order is not None:
+            out.append(order)
+    wanted = {seat for o in out for seat in o.seats}
+    if wanted:
+        zones, labels = zip(*wanted, strict=True)
+        rows = await conn.fetch(_KNOWN_SEATS_SQL, event_id, list(zones), list(labels))
+        known = {(row["zone_id"], row["seat"]) for row in rows}
+        for o in out:
+            o.seats = [s for s in o.seats if s in known]
+    return out
+
+
+def _dead_order(raw: str | bytes | dict, order_id: str) -> DeadOrder | None:
+    try:
+        order = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(order, dict) or order.get("order_id") != order_id:
+        return None
+    confirmed_at_ms, items = order.get("confirmed_at_ms"), order.get("items")
+    if not isinstance(confirmed_at_ms, int | float) or not isinstance(items, list):
+        return None
+    ga: dict[str, int] = defaultdict(int)
+    seats: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("zone_id"), str):
+            return None
+        item_seats, quantity = item.get("seats"), item.get("quantity")
+        if item_seats and isinstance(item_seats, list) and all(isinstance(x, str) for x in item_seats):
+            seats.extend((item["zone_id"], seat) for seat in item_seats)
+        elif not item_seats and isinstance(quantity, int) and quantity > 0:
+            ga[item["zone_id"]] += quantity
+        else:
+            return None
+    return DeadOrder(order_id, confirmed_at_ms, dict(ga), seats)
+
+
+def dead_stock(
+    orders: list[DeadOrder], taken: dict[tuple[str, str], str] | set[tuple[str, str]]
+) -> tuple[dict[str, int], dict[tuple[str, str], str]]:
+    """What ``orders`` keep sold: (zone -> tickets, (zone, seat) -> order id). A seat counts only where it is
+    theirs: not in ``taken`` (seats other orders have) and not an earlier dead order's (one seat, one owner;
+    a dead order refused for a seat sold twice keeps nothing there). General-admission tickets all count."""
+    tickets: dict[str, int] = defaultdict(int)
+    seats: dict[tuple[str, str], str] = {}
+    for o in orders:
+        for zone_id, n in o.ga.items():
+            tickets[zone_id] += n
+        for seat in o.seats:
+            if seat not in taken and seat not in seats:
+                seats[seat] = o.order_id
+                tickets[seat[0]] += 1
+    return dict(tickets), seats
 
 
 def _ms(ts: datetime) -> int:

@@ -9,8 +9,8 @@ For a Redis that restarted empty (no AOF/RDB, or FLUSHALL) or lost an event's ke
 3. read the catalog (``db.get_event(with_seats=True)``), tickets sold per zone (``db.sold_by_zone``), seats
    sold (``db.sold_seats``) and tickets per customer, in one REPEATABLE READ transaction; the tickets and
    seats of dead-lettered orders PostgreSQL's ``orders`` lacks count as sold too (acknowledged sales it
-   refused: a person decides, and until then nobody else may buy them; ``workers.reconcile`` keeps them
-   the same way);
+   refused: a person decides, and until then nobody else may buy them; ``db.dead_stock``, as reconcile
+   keeps them);
 4. delete whatever keys of the event are left (``Inventory.unload_event``: old hold records, idempotency
    keys, order pointers), so a hold given before the loss is unknown: its confirm gets 404
    ``hold_not_found`` and its stock is available again;
@@ -95,12 +95,11 @@ async def rebuild_event(
         )
     if not await pg.fetchval("SELECT 1 FROM events WHERE event_id = $1", event_id):
         raise DomainError("event_not_found", details={"event_id": event_id})
-    # the workers' own rules, used once here
-    from workers.reconcile import dead_lettered_stock, redrive_outbox
-
     outbox_written = 0
     if await client.xlen(keys.outbox(event_id)):
         step(1, "writing the surviving outbox through")
+        from workers.reconcile import redrive_outbox  # the worker's write path, called once here
+
         outbox_written, _ = await redrive_outbox(client, pg, event_id, inventory.settings)
 
     step(2, "reading the catalog and sales from PostgreSQL")
@@ -111,15 +110,15 @@ async def rebuild_event(
         sold_seats = await db.sold_seats(conn, event_id)
         customers = await db.tickets_by_customer(conn, event_id)
         orders = await conn.fetchval("SELECT count(*) FROM orders WHERE event_id = $1", event_id)
-        dead_tickets, dead_seats = await dead_lettered_stock(conn, event_id)
-    zones = {z.zone_id: z for z in spec.zones}
+        dead_orders = await db.dead_orders(conn, event_id)
+    taken = {(zone_id, seat) for zone_id, seats in sold_seats.items() for seat in seats}
+    dead_tickets, dead_seats = db.dead_stock(dead_orders, taken)
+    capacity = {z.zone_id: z.capacity for z in spec.zones}
     for zone_id, tickets in dead_tickets.items():  # never past capacity (a dead letter of a real oversell)
-        if zone_id in zones:
-            sold[zone_id] = min(zones[zone_id].capacity, sold.get(zone_id, 0) + tickets)
+        if zone_id in capacity:
+            sold[zone_id] = min(capacity[zone_id], sold.get(zone_id, 0) + tickets)
     for (zone_id, seat), order_id in dead_seats.items():
-        # an order's sale of the seat comes first; a seat the map lacks (refused as unknown) is no one's
-        if zone_id in zones and seat in (zones[zone_id].seats or ()):
-            sold_seats.setdefault(zone_id, {}).setdefault(seat, order_id)
+        sold_seats.setdefault(zone_id, {})[seat] = order_id
 
     step(3, "clearing what is left of the event in Redis")
     await inventory.unload_event(event_id)

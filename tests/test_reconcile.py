@@ -379,3 +379,32 @@ async def test_rebuild_keeps_dead_lettered_stock_sold(scratch):
     assert sorted({d.kind: d.examples for d in report.drifts}[reconcile.DEAD_LETTERS]) == sorted(
         [seat_order["order_id"], ga_order["order_id"]]
     )
+
+
+async def test_a_dead_letter_for_a_seat_sold_twice_keeps_nothing(scratch):
+    """PostgreSQL refused a second order for a seat it had sold (the unique index): that dead order has no
+    seat to keep, so neither its seat nor its ticket counts, in a repair or a rebuild. (Counting the ticket
+    left more free seats than 'available', and selling them drove it below zero.)"""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    await buy(client, eid, "c-1", seats=["A1"])
+    await write_through(eid)
+    await buy(client, eid, "c-2", seats=["A2"])
+    [(_, fields)] = await r.xrange(keys.outbox(eid))
+    forged = {**json.loads(fields[b"order"]), "order_id": "o_forged", "hold_id": "h_forged"}
+    forged["items"] = [{"zone_id": "sec-101", "seats": ["A1"]}]
+    await r.xadd(keys.outbox(eid), {"order": json.dumps(forged)})
+    await write_through(eid)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE order_id = 'o_forged'") == 1
+
+    for step in ("repair", "rebuild"):
+        if step == "rebuild":
+            await r.flushall()
+            await rebuild_event(inventory, pg, eid, resume=True)
+        report = await reconcile_event(r, pg, inventory, eid, repair=step == "repair", settings=settings)
+        assert kinds(report) == {reconcile.DEAD_LETTERS}, (step, report.drifts)
+        assert {z.zone_id: z.dead_lettered for z in report.zones} == {"floor": 0, "sec-101": 0}
+        sec = (await zones(client, eid))["sec-101"]
+        assert (sec["available"], sec["held"], sec["sold"]) == (18, 0, 2), step
+        assert await r.hget(keys.owners(eid, "sec-101"), "A1") != b"s:o_forged"

@@ -10,7 +10,8 @@ What is compared, per event (figures in tickets unless named otherwise):
 * ``sold_counter_vs_items``: ``zones.sold`` == the sum of the zone's ``order_items`` (PostgreSQL alone).
 * ``seat_sold_in_pg_not_redis`` / ``seat_sold_in_redis_not_pg``: a seat PostgreSQL (or the outbox, or a dead
   letter of an order PostgreSQL lacks) sold to order O is ``s:O`` in the zone's owner hash, and every ``s:O``
-  there is such a seat. Where two of them name one seat, PostgreSQL wins, then the outbox.
+  there is such a seat. Where two of them name one seat, PostgreSQL wins, then the outbox; a dead letter keeps
+  only seats of the seat map that neither has (``db.dead_stock``: else no seat and no ticket there).
 * ``orphan_expiry`` (expiry-set member without an active hold record), ``hold_missing_expiry`` (active hold
   record not in the expiry set: it would never expire), ``stale_seat_hold`` (owner ``h:H`` with H not
   active), ``held_vs_holds`` (zone ``held`` != tickets of the active holds).
@@ -421,12 +422,6 @@ WHERE i.event_id = $1 AND i.seat IS NOT NULL
 """
 _PERSISTED_SQL = "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])"
 _DEAD_LETTERS_SQL = "SELECT order_id FROM dead_letters WHERE event_id = $1"
-_DEAD_UNWRITTEN_SQL = """
-SELECT DISTINCT ON (d.order_id) d.order_id, d.payload FROM dead_letters d
-WHERE d.event_id = $1 AND d.order_id IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = d.order_id)
-ORDER BY d.order_id, d.id
-"""
 _FIX_COUNTERS_SQL = """
 UPDATE zones z SET sold = s.items
 FROM (SELECT z2.zone_id, coalesce(sum(i.quantity), 0)::int AS items
@@ -444,60 +439,12 @@ class _Record:
     persisted: set[str]
     dead_letter_orders: set[str]
     dead_letters: int
-    dead_tickets: dict[str, int]
-    """zone -> tickets of the dead-lettered orders ``orders`` lacks (see ``_dead_lettered``)."""
-    dead_seats: dict[tuple[str, str], str]
-    """(zone, seat) -> order id, for those orders' seats."""
+    dead_orders: list[db.DeadOrder]
+    """Dead-lettered orders ``orders`` lacks, but those in flight or confirmed after the Redis snapshot."""
 
-
-def _dead_order(raw: str | dict, order_id: str) -> tuple[float, list[tuple[str, list[str], int]]] | None:
-    """A dead letter's payload as ``(confirmed_at_ms, [(zone_id, seats, tickets)])`` if it is the confirm
-    script's order ``order_id`` (``lua/confirm.lua``); None if it is not (malformed: nothing to keep)."""
-    try:
-        order = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(order, dict) or order.get("order_id") != order_id:
-        return None
-    confirmed_at_ms, items = order.get("confirmed_at_ms"), order.get("items")
-    if not isinstance(confirmed_at_ms, int | float) or not isinstance(items, list):
-        return None
-    out = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("zone_id"), str):
-            return None
-        seats, quantity = item.get("seats"), item.get("quantity")
-        if seats and isinstance(seats, list) and all(isinstance(x, str) for x in seats):
-            out.append((item["zone_id"], seats, len(seats)))
-        elif not seats and isinstance(quantity, int) and quantity > 0:
-            out.append((item["zone_id"], [], quantity))
-        else:
-            return None
-    return confirmed_at_ms, out
-
-
-def _dead_lettered(rows: list[asyncpg.Record], before_ms: int | None, outbox_ids: list[str]):
-    """The stock of dead-lettered orders a repair must keep sold: (zone -> tickets, (zone, seat) -> order id).
-
-    ``rows``: one ``(order_id, payload)`` per dead-lettered order ``orders`` lacks. Left out: orders still in
-    ``outbox_ids`` (in flight: counted as such), orders confirmed at or after ``before_ms`` (after the Redis
-    snapshot) and malformed payloads. Two dead letters naming one seat: the first order id keeps it.
-    """
-    tickets: dict[str, int] = defaultdict(int)
-    seats: dict[tuple[str, str], str] = {}
-    in_outbox = set(outbox_ids)
-    for r in rows:
-        parsed = _dead_order(r["payload"], r["order_id"])
-        if parsed is None or r["order_id"] in in_outbox:
-            continue
-        confirmed_at_ms, items = parsed
-        if before_ms is not None and confirmed_at_ms >= before_ms:
-            continue
-        for zone_id, item_seats, n in items:
-            tickets[zone_id] += n
-            for seat in item_seats:
-                seats.setdefault((zone_id, seat), r["order_id"])
-    return dict(tickets), seats
+    def dead_stock(self, flight_seats: dict[tuple[str, str], str]):
+        """What the dead orders keep sold (``db.dead_stock``): seats that no order in PostgreSQL or in flight has."""
+        return db.dead_stock(self.dead_orders, {**flight_seats, **self.seats})
 
 
 def _order_ids(outbox: list[tuple[str, dict]]) -> list[str]:
@@ -510,20 +457,12 @@ def _order_ids(outbox: list[tuple[str, dict]]) -> list[str]:
     ]
 
 
-async def dead_lettered_stock(
-    conn: asyncpg.Connection | asyncpg.Pool, event_id: str
-) -> tuple[dict[str, int], dict[tuple[str, str], str]]:
-    """The stock of the event's dead-lettered orders that PostgreSQL's ``orders`` lacks, which stays sold
-    until a person decides: (zone -> tickets, (zone, seat) -> order id). For ``boxoffice rebuild``, after the
-    outbox was re-driven (nothing in flight). PostgreSQL errors propagate."""
-    return _dead_lettered(await conn.fetch(_DEAD_UNWRITTEN_SQL, event_id), None, [])
-
-
 async def _read_record(
     pg: asyncpg.Pool, event_id: str, before_ms: int | None, outbox_ids: list[str]
 ) -> _Record:
     """PostgreSQL in one REPEATABLE READ transaction. ``before_ms``: count only orders confirmed before it
-    or in ``outbox_ids`` (None: every order); dead letters as ``_dead_lettered`` says."""
+    or in ``outbox_ids`` (None: every order); dead orders (``db.dead_orders``) but those in ``outbox_ids``
+    (in flight: counted as such) or confirmed at or after ``before_ms``."""
     before = None if before_ms is None else EPOCH + timedelta(milliseconds=before_ms)
     async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         zones = await conn.fetch(_ZONES_SQL, event_id, before, outbox_ids)
@@ -533,16 +472,19 @@ async def _read_record(
         }
         persisted = {r["order_id"] for r in await conn.fetch(_PERSISTED_SQL, outbox_ids)}
         dead = await conn.fetch(_DEAD_LETTERS_SQL, event_id)
-        unwritten = await conn.fetch(_DEAD_UNWRITTEN_SQL, event_id)
-    dead_tickets, dead_seats = _dead_lettered(unwritten, before_ms, outbox_ids)
+        in_outbox = set(outbox_ids)
+        dead_orders = [
+            o
+            for o in await db.dead_orders(conn, event_id)
+            if o.order_id not in in_outbox and (before_ms is None or o.confirmed_at_ms < before_ms)
+        ]
     return _Record(
         zones,
         seats,
         persisted,
         {r["order_id"] for r in dead if r["order_id"]},
         len(dead),
-        dead_tickets,
-        dead_seats,
+        dead_orders,
     )
 
 
@@ -599,6 +541,7 @@ async def _check(
     )
     if not meta:
         record = await _read_record(pg, event_id, None, [])
+        dead_tickets, _ = record.dead_stock({})
         report.zones = [
             ZoneReport(
                 r["zone_id"],
@@ -611,7 +554,7 @@ async def _check(
                 r["items_all"],
                 r["counter"],
                 None,
-                record.dead_tickets.get(r["zone_id"], 0),
+                dead_tickets.get(r["zone_id"], 0),
             )
             for r in record.zones
         ]
@@ -633,6 +576,7 @@ async def _check(
     outbox_ids = _order_ids(live.outbox)
     record = await _read_record(pg, event_id, live.now_ms, outbox_ids)
     in_flight, flight_tickets, flight_seats = _in_flight(live.outbox, record.persisted)
+    dead_tickets, dead_seats = record.dead_stock(flight_seats)
     report.active_holds = len(live.expiry)
     report.dead_letters = record.dead_letters
 
@@ -687,7 +631,7 @@ async def _check(
             r["items_snapshot"],
             r["counter"],
             active_tickets.get(z, 0) if report.held_checked else None,
-            record.dead_tickets.get(z, 0),
+            dead_tickets.get(z, 0),
         )
         report.zones.append(zr)
         expected = zr.sold_pg + zr.in_flight + zr.dead_lettered
@@ -734,7 +678,7 @@ async def _check(
             )
 
     # Seats: owners against the record, the in-flight orders and the dead letters (record first).
-    expected_seats = dict(record.dead_seats)
+    expected_seats = dict(dead_seats)
     expected_seats.update(flight_seats)
     expected_seats.update(record.seats)
     not_in_redis, not_in_pg, hold_owned = [], [], []
@@ -1059,9 +1003,10 @@ def _plan_counters(event_id, zone_ids, live: _Live, holds, record: _Record, flig
     owner_set: dict[str, dict[str, str]] = defaultdict(dict)
     owner_del: dict[str, list[str]] = defaultdict(list)
     held: dict[str, int] = defaultdict(int)
-    # Dead-lettered orders' seats stay theirs (a person decides); where another order has the seat, the
-    # outbox and then PostgreSQL win, and the dead letter's ticket still counts (a seat to re-seat it on).
-    want_owner: dict[tuple[str, str], str] = {k: f"s:{o}" for k, o in record.dead_seats.items()}
+    # Dead-lettered orders' seats stay theirs (a person decides), where no order in PostgreSQL or in flight
+    # has the seat (then the dead order keeps nothing there, ticket included: db.dead_stock).
+    dead_tickets, dead_seats = record.dead_stock(flight_seats)
+    want_owner: dict[tuple[str, str], str] = {k: f"s:{o}" for k, o in dead_seats.items()}
     want_owner.update({k: f"s:{o}" for k, o in flight_seats.items()})
     want_owner.update({k: f"s:{o}" for k, o in record.seats.items()})
     for hold_id, rec in holds.items():
@@ -1077,7 +1022,7 @@ def _plan_counters(event_id, zone_ids, live: _Live, holds, record: _Record, flig
         r, zh = pg_zones.get(z), live.zones.get(z)
         if r is None or not zh:
             continue
-        sold = r["items_all"] + flight_tickets.get(z, 0) + record.dead_tickets.get(z, 0)
+        sold = r["items_all"] + flight_tickets.get(z, 0) + dead_tickets.get(z, 0)
         available = r["capacity"] - sold - held[z]
         if available < 0:
             actions.append(
