@@ -35,7 +35,7 @@
 ]]
 --- @include common
 
-local REAP_BATCHES = 3
+local REAP_BATCHES = 10
 
 local meta_key = KEYS[1]
 local prefix = prefix_of(meta_key)
@@ -100,11 +100,12 @@ local function view(id)
 end
 
 -- Check every item before writing anything: all or none. Returns true, tickets, amount when all fit,
--- else false, the refusal reply, and whether reaping more expired holds could change the answer (reaping
--- turns held stock and seats into available ones: never sold ones).
+-- else false, the refusal reply, whether reaping more expired holds could change the answer (reaping
+-- turns held stock and seats into available ones: never sold ones), and the ids of the holds that have
+-- the asked-for seats (nil if none).
 local function check(items)
   local tickets, amount = 0, 0
-  local taken, sold
+  local taken, sold, holders
   for _, item in ipairs(items) do
     local z = zone(item.zone_id)
     if not z then return false, fail('zone_not_found', { zone_id = item.zone_id }), false end
@@ -121,7 +122,12 @@ local function check(items)
         if owners[i] then
           taken = taken or {}
           taken[#taken + 1] = { zone_id = item.zone_id, seat = seat }
-          sold = sold or string.sub(owners[i], 1, 2) == 's:'
+          if string.sub(owners[i], 1, 2) == 's:' then
+            sold = true
+          else
+            holders = holders or {}
+            holders[#holders + 1] = string.sub(owners[i], 3)
+          end
         end
       end
     else
@@ -137,7 +143,7 @@ local function check(items)
     tickets = tickets + n
     amount = amount + n * z[3]
   end
-  if taken then return false, fail('seats_unavailable', { seats = taken }), not sold end
+  if taken then return false, fail('seats_unavailable', { seats = taken }), not sold, holders end
   return true, tickets, amount
 end
 
@@ -173,20 +179,33 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
 
   -- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
   -- expires many holds in the same millisecond): while one could change the answer, reap another batch,
-  -- up to REAP_BATCHES a call (then the sweeper's next pass gives the rest back).
+  -- up to REAP_BATCHES a call (the sweeper's next pass gives the rest back; it runs every 0.25 s, so a
+  -- backlog past that is a sweeper that is down).
   local items = decoded[items_json]
   if not items then
     items = cjson.decode(items_json)
     decoded[items_json] = items
   end
-  local fits, result, extra = check(items)
-  if not fits and extra then
+  local fits, result, extra, holders = check(items)
+  if not fits and (extra or holders) then
     local wanted = 0
     for _, item in ipairs(items) do wanted = wanted + item_count(item) end
-    if wanted > limit then  -- over the limit on its own: no reaping can make it fit
+    if wanted > limit then  -- over the limit on its own: no reaping or settling can make it fit
       local current = tonumber(redis.call('HGET', ckey, customer_id)) or 0
       return fail('limit_exceeded', { limit = limit, current = current, requested = wanted })
     end
+  end
+  -- Seats held by holds that have run out: settle exactly those, wherever they wait in the reaping queue.
+  -- (A seat refusal comes only once every general-admission item fits: then nothing else can help.)
+  if holders and extra then
+    sync()
+    local settled = false
+    for _, id in ipairs(holders) do  -- settling one twice changes nothing
+      local h = redis.call('HMGET', prefix .. 'hold:' .. id, 'status', 'expires_at_ms')
+      if h[1] and settle(prefix, id, h[1], h[2], now, retention) == 'expired' then settled = true end
+    end
+    if settled then fits, result, extra, holders = check(items) end
+    if holders then extra = false end  -- still held, by holds that have not run out: reaping cannot help
   end
   while not fits and extra do
     if not reap_more() then break end

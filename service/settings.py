@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     """How long a hold record stays in Redis after it ends (confirmed, released, expired)."""
     reap_batch: int = Field(default=200, ge=1)
     """Most expired holds one script call reaps in a batch (the sweeper loops for the rest; a hold that would
-    be refused reaps at most 3 batches, ``lua/hold.lua``)."""
+    be refused reaps at most 10 batches a call, ``lua/hold.lua``)."""
     sweeper_interval_seconds: float = 0.25
 
     # Write-through

@@ -417,31 +417,38 @@ async def test_an_active_hold_outlives_any_reaping_delay(any_redis):
 
 async def test_a_refused_hold_reaps_a_bounded_number_of_batches_and_none_that_cannot_help(any_redis):
     """A refusal reaps expired holds only if they could change it (held stock or seats; not sold ones, not
-    a request over the customer limit on its own) and at most 3 reap batches a call, so one hopeless hold
-    never blocks Redis to reap a whole flash sale's backlog (the sweeper does that, a batch per call)."""
+    a request over the customer limit on its own) and at most 10 reap batches a call, so one hopeless hold
+    never blocks Redis to reap a whole backlog (the sweeper does that, a batch per call). A seat's own
+    expired hold is settled directly, wherever it waits in the queue."""
     s = Settings(redis_url="redis://unused", database_url="postgresql://unused", reap_batch=1)
     inv = Inventory(any_redis, s)
     eid = new_event_id("budget")
-    await inv.load_event(spec(eid, ga=2, seats=31, per_customer=2))
+    await inv.load_event(spec(eid, ga=2, seats=32, per_customer=2))
     expiry = keys.expiry(eid)
     try:
-        for i in range(1, 31):  # 30 seat holds that will expire, waiting to be reaped
+        for i in range(1, 31):  # 30 seat holds that will expire, waiting to be reaped, oldest first
             await inv.hold(eid, req(customer=f"c{i}", ttl=1, seats=[f"A{i}"]))
+            await asyncio.sleep(0.002)  # distinct expiry times: the queue's order is the holds' order
         bought, _ = await inv.hold(eid, req(customer="buyer", ga=1, seats=["A31"]))
         await inv.confirm(eid, bought["hold_id"], "pay")  # ga: 1 sold; A31 sold
-        await inv.hold(eid, req(customer="holder", ga=1))  # ga: 1 held by an active hold
+        await inv.hold(eid, req(customer="holder", ga=1, seats=["A32"]))  # ga: 1 held, A32 held, both active
         await asyncio.sleep(1.05)
         assert await any_redis.zcard(expiry) == 31
 
-        # Sold stock, a sold seat, a request over the limit on its own: reaping cannot help, none is reaped.
+        # Sold stock, a sold seat, a seat of an active hold, a request over the limit on its own: no reaping.
         assert await code_of(inv.hold(eid, req(customer="x", ga=2))) == "sold_out"  # > available + held
         assert await code_of(inv.hold(eid, req(customer="x", seats=["A31"]))) == "seats_unavailable"
+        assert await code_of(inv.hold(eid, req(customer="x", seats=["A32"]))) == "seats_unavailable"
         assert await code_of(inv.hold(eid, req(customer="x", seats=["A1", "A2", "A3"]))) == "limit_exceeded"
         assert await any_redis.zcard(expiry) == 31
 
-        # Held stock could come back: 3 batches of 1 are reaped, then the call gives up.
+        # The newest expired hold's seat: settled directly, nothing else reaped.
+        await inv.hold(eid, req(customer="y", seats=["A30"]))
+        assert await any_redis.zcard(expiry) == 31 - 1 + 1  # A30's hold out, y's hold in
+
+        # Held stock could come back (the active GA hold's, in fact): 10 batches of 1 reaped, then it gives up.
         assert await code_of(inv.hold(eid, req(customer="x", ga=1))) == "sold_out"
-        assert await any_redis.zcard(expiry) == 31 - 3
+        assert await any_redis.zcard(expiry) == 31 - 10
         await zones(inv, eid)
     finally:
         await inv.unload_event(eid)
