@@ -91,6 +91,13 @@ class ZoneSpec(_Strict):
         else:
             if (self.seats is None) == (self.rows is None):
                 raise ValueError("a seated zone needs exactly one of seats or rows")
+            count = (
+                len(self.seats)
+                if self.seats is not None
+                else sum(_row_count(r, n) for r, n in self.rows.items())
+            )
+            if not 1 <= count <= MAX_SEATS_PER_ZONE:  # before any label is made
+                raise ValueError(f"a seated zone has 1..{MAX_SEATS_PER_ZONE} seats")
             labels = (
                 self.seats
                 if self.seats is not None
@@ -126,20 +133,36 @@ class EventSpec(_Strict):
     max_tickets_per_customer: int = Field(default=10, ge=1, le=1000)
     zones: list[ZoneSpec] = Field(min_length=1, max_length=1000)
 
+    @field_validator("zones", mode="before")
+    @classmethod
+    def _few_enough_seats(cls, zones: Any) -> Any:
+        """The seats of all zones counted from the input, before any zone makes its labels."""
+        if isinstance(zones, list):
+            count = 0
+            for z in zones:
+                if isinstance(z, dict) and isinstance(z.get("seats"), list):
+                    count += len(z["seats"])
+                elif isinstance(z, dict) and isinstance(z.get("rows"), dict):
+                    count += sum(n for n in z["rows"].values() if isinstance(n, int) and n > 0)
+            if count > MAX_SEATS_PER_EVENT:
+                raise ValueError(f"an event has at most {MAX_SEATS_PER_EVENT} seats")
+        return zones
+
     @field_validator("zones")
     @classmethod
     def _distinct(cls, zones: list[ZoneSpec]) -> list[ZoneSpec]:
         ids = [z.zone_id for z in zones]
         if len(set(ids)) != len(ids):
             raise ValueError("zone ids must be distinct")
-        if sum(len(z.seats or ()) for z in zones) > MAX_SEATS_PER_EVENT:
-            raise ValueError(f"an event has at most {MAX_SEATS_PER_EVENT} seats")
         return zones
 
     @field_validator("starts_at", mode="before")
     @classmethod
     def _not_a_number(cls, v: Any) -> Any:
-        if isinstance(v, int | float):  # lax datetime parsing would read a number as Unix time
+        # lax datetime parsing would read a number, or a string of digits, as Unix time
+        if isinstance(v, int | float) or (
+            isinstance(v, str) and v.strip().lstrip("-").replace(".", "").isdigit()
+        ):
             raise ValueError("starts_at is an RFC 3339 date-time string, e.g. 2027-05-24T19:00:00Z")
         return v
 
@@ -148,9 +171,10 @@ class EventSpec(_Strict):
     def _utc_ms(cls, v: datetime) -> datetime:
         """UTC (assumed when no zone is given), whole milliseconds like every other time of the API, and in
         years 1970-2199: PostgreSQL's timestamptz would store the far ends as +-infinity or refuse them."""
+        if 1970 <= v.year <= 2199:  # first as given: converting the far ends to UTC could overflow
+            v = v.astimezone(UTC) if v.tzinfo else v.replace(tzinfo=UTC)
         if not 1970 <= v.year <= 2199:
-            raise ValueError("starts_at must be in the years 1970-2199")
-        v = v.astimezone(UTC) if v.tzinfo else v.replace(tzinfo=UTC)
+            raise ValueError("starts_at must be in the years 1970-2199 (UTC)")
         return v.replace(microsecond=v.microsecond // 1000 * 1000)
 
 
