@@ -16,7 +16,7 @@ Acks: each process appends JSON lines to ``<acks dir>/<event_id>/<host>-<pid>.js
 ``environment.process_exit_code`` to 1 if the audit finds a violation. A run stopped by SIGTERM or Ctrl-C
 is audited too: Locust chooses its exit code before it stops a running test, so the ``quitting`` hook stops
 the test first. The acks directory must be shared by all Locust processes (one machine); otherwise copy the
-files together and run ``boxoffice audit`` (an audit that finds no acks of an event with orders fails).
+files together and run ``boxoffice audit`` (an audit given no ack file of the event refuses, exit 2).
 
 The audit reads Redis and PostgreSQL directly: give the Locust process ``REDIS_URL`` and ``DATABASE_URL``
 of the deployment under test (``--skip-audit`` to leave it out).

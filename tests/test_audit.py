@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import event_body, new_event_id
 
-from loadtests.audit import CHECKS, AckError, audit_event, load_acks, outbox_backlog
+from loadtests.audit import CHECKS, AckError, ack_files, audit_event, load_acks, outbox_backlog, run_cli
 from service import catalog, keys
 from service.domain import EventSpec, HoldRequest
 from service.inventory import Inventory
@@ -160,15 +160,27 @@ def test_load_acks_finds_a_locust_runs_files_skips_a_cut_last_line_and_names_a_b
             load_acks(tmp_path, eid)
 
 
-async def test_acks_given_but_none_of_the_event_fails_when_it_has_orders(
+def test_an_acks_path_without_an_ack_file_of_the_event_is_refused(tmp_path, private_settings):
+    """Acks read from the wrong place must not pass as "every 201 is in PostgreSQL": nothing would vouch.
+    A Locust run writes its file as it starts, so a run that recorded nothing still has one."""
+    (tmp_path / "other-event").mkdir()
+    (tmp_path / "other-event" / "host-1.jsonl").write_bytes(b"")
+    for path in (tmp_path, tmp_path / "missing"):
+        assert run_cli(private_settings, event_id="e1", acks_file=path, drain_timeout_seconds=0) == 2
+    (tmp_path / "e1").mkdir()
+    (tmp_path / "e1" / "host-1.jsonl").write_bytes(b"")
+    assert ack_files(tmp_path, "e1") == [tmp_path / "e1" / "host-1.jsonl"]
+    assert load_acks(tmp_path, "e1") == []
+
+
+async def test_a_run_that_recorded_no_ack_passes_when_redis_knows_the_orders(
     inventory, rclient, pg, private_settings
 ):
-    """Acks read from the wrong place must not pass as "every 201 is in PostgreSQL": nothing vouched."""
-    eid, acks = await small_sale(inventory, rclient, pg, private_settings)
+    """A re-run on an event whose every hold was refused: the first run's orders are unacked, not unknown."""
+    eid, _ = await small_sale(inventory, rclient, pg, private_settings)
     report = await audit_event(rclient, pg, eid, [], drain_timeout_seconds=1, settings=private_settings)
-    assert checks_failed(report) == {"acks"}
-    report = await audit_event(rclient, pg, eid, None, drain_timeout_seconds=1, settings=private_settings)
     assert report.ok, report.violations
+    assert report.unacked_orders == report.orders == 2
 
 
 async def test_unacked_but_confirmed_order_is_not_a_violation(inventory, rclient, pg, private_settings):
