@@ -195,9 +195,10 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
       return fail('limit_exceeded', { limit = limit, current = current, requested = wanted })
     end
   end
-  -- Seats held by holds that have run out: settle exactly those, wherever they wait in the reaping queue.
-  -- (A seat refusal comes only once every general-admission item fits: then nothing else can help.)
-  if holders and extra then
+  -- Seats held by holds that have run out: settle exactly those, wherever they wait in the reaping queue
+  -- (also when a sold seat refuses anyway: the reply then lists only seats that are really taken). A seat
+  -- refusal comes only once every general-admission item fits: then reaping others cannot help.
+  if holders then
     sync()
     local settled = false
     for _, id in ipairs(holders) do  -- settling one twice changes nothing
