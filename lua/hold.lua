@@ -102,10 +102,11 @@ end
 -- Check every item before writing anything: all or none. Returns true, tickets, amount when all fit,
 -- else false, the refusal reply, whether reaping more expired holds could change the answer (reaping
 -- turns held stock and seats into available ones: never sold ones), and the ids of the holds that have
--- the asked-for seats (nil if none).
+-- the asked-for seats (nil if none). A malformed item refuses at once; otherwise every item is looked at,
+-- and the first general-admission item short of stock is the refusal, else the seats taken.
 local function check(items)
   local tickets, amount = 0, 0
-  local taken, sold, holders
+  local taken, sold, holders, short
   for _, item in ipairs(items) do
     local z = zone(item.zone_id)
     if not z then return false, fail('zone_not_found', { zone_id = item.zone_id }), false end
@@ -133,16 +134,17 @@ local function check(items)
     else
       if z[1] ~= 'ga' then return false, fail('invalid_item', { zone_id = item.zone_id, reason = 'seated zone: give seats, not quantity' }), false end
       local available = z[2] - (moved[item.zone_id] or 0)
-      if item.quantity > available then
+      if item.quantity > available and not short then
         -- only stock held when the zone was read (z[4]; this call's own holds are not expired) can come back
-        return false, fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available }),
-          item.quantity <= available + z[4]
+        short = { fail('sold_out', { zone_id = item.zone_id, requested = item.quantity, available = available }),
+          item.quantity <= available + z[4] }
       end
     end
     local n = item_count(item)
     tickets = tickets + n
     amount = amount + n * z[3]
   end
+  if short then return false, short[1], short[2] and not sold, holders end
   if taken then return false, fail('seats_unavailable', { seats = taken }), not sold, holders end
   return true, tickets, amount
 end
@@ -196,8 +198,8 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
     end
   end
   -- Seats held by holds that have run out: settle exactly those, wherever they wait in the reaping queue
-  -- (also when a sold seat refuses anyway: the reply then lists only seats that are really taken). A seat
-  -- refusal comes only once every general-admission item fits: then reaping others cannot help.
+  -- (also when the hold is refused anyway: the reply then lists only seats that are really taken). A seat
+  -- still held by a hold that has not run out refuses whatever else comes back: then no reaping.
   if holders then
     sync()
     local settled = false

@@ -473,6 +473,36 @@ async def test_a_seat_refusal_lists_only_seats_really_taken(any_redis):
         await inv.unload_event(eid)
 
 
+@pytest.mark.parametrize("seat_first", [False, True])
+async def test_a_seats_run_out_hold_is_settled_when_a_general_admission_item_is_short_too(
+    any_redis, seat_first
+):
+    """The general-admission item is short (its stock in a run-out hold at the head of the reaping queue), the
+    seat's run-out hold waits at the tail, past the 10 batches: the seat is settled directly all the same, the
+    head reaped, and the hold granted, whichever item comes first. (Found by review: the seat's holders were
+    only looked at when no general-admission item was short.)"""
+    inv = Inventory(
+        any_redis, Settings(redis_url="redis://unused", database_url="postgresql://unused", reap_batch=1)
+    )
+    eid = new_event_id("short")
+    await inv.load_event(spec(eid, ga=1, seats=30))
+    try:
+        await inv.hold(eid, req(customer="g", ttl=1, ga=1))
+        for i in range(2, 22):
+            await asyncio.sleep(0.002)  # distinct expiry times: the queue's order is the holds' order
+            await inv.hold(eid, req(customer=f"o{i}", ttl=1, seats=[f"A{i}"]))
+        await asyncio.sleep(0.002)
+        await inv.hold(eid, req(customer="h", ttl=1, seats=["A1"]))
+        await asyncio.sleep(1.05)
+        items = [{"zone_id": "ga", "quantity": 1}, {"zone_id": "s", "seats": ["A1"]}]
+        body = {"customer_id": "x", "items": items[::-1] if seat_first else items}
+        hold, _ = await inv.hold(eid, HoldRequest.model_validate(body))
+        assert hold["tickets"] == 2
+        await zones(inv, eid)
+    finally:
+        await inv.unload_event(eid)
+
+
 def test_ids_are_unique_and_a_forked_child_never_reuses_its_parents():
     """new_id hands out os.urandom bytes read ahead in 4 KiB; a fork must not copy what is left of them."""
     import os
