@@ -51,6 +51,7 @@ after the buyer saw 201 would end up a dead letter."""
 SEAT_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,31}$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 
 
 def normalize_seat(label: str) -> str:
@@ -154,15 +155,15 @@ class EventSpec(_Strict):
         ids = [z.zone_id for z in zones]
         if len(set(ids)) != len(ids):
             raise ValueError("zone ids must be distinct")
+        if sum(len(z.seats or ()) for z in zones) > MAX_SEATS_PER_EVENT:  # zones given as ZoneSpec objects
+            raise ValueError(f"an event has at most {MAX_SEATS_PER_EVENT} seats")
         return zones
 
     @field_validator("starts_at", mode="before")
     @classmethod
     def _not_a_number(cls, v: Any) -> Any:
-        # lax datetime parsing would read a number, or a string of digits, as Unix time
-        if isinstance(v, int | float) or (
-            isinstance(v, str) and v.strip().lstrip("-").replace(".", "").isdigit()
-        ):
+        # lax datetime parsing would read a number, or a string of one, as Unix time
+        if isinstance(v, int | float) or (isinstance(v, str) and _NUMBER.fullmatch(v)):
             raise ValueError("starts_at is an RFC 3339 date-time string, e.g. 2027-05-24T19:00:00Z")
         return v
 

@@ -87,6 +87,7 @@ async def test_starts_at_is_answered_in_utc_to_the_millisecond_and_bounded(clien
         "2199-12-31T23:00:00-05:00",  # 2200 in UTC
         1700000000,
         "1700000000",  # a string of digits: lax parsing reads Unix time too
+        "+1700000000",
     ):
         r = await client.post("/v1/events", json=event_body(starts_at=starts_at), headers=ADMIN)
         e = err(r, 422, "validation_failed")
