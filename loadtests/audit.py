@@ -573,9 +573,10 @@ async def audit_event(
 def run_cli(
     settings: Settings, *, event_id: str, acks_file: Path | None, drain_timeout_seconds: float
 ) -> int:
-    """``boxoffice audit``: print the report; 0 if it passes, 1 on any violation, 2 if the acks can't be read
-    or ``acks_file`` has no ack file of the event at all (read from the wrong place, nothing would vouch for
-    the run's 201s; a Locust run writes ``<acks-dir>/<event_id>/*.jsonl`` as it starts, lines or not)."""
+    """``boxoffice audit``: print the report; 0 if it passes, 1 on any violation, 2 if the acks can't be read,
+    or ``acks_file`` has no ack file of the event at all, or only lines of other events (read from the wrong
+    place: nothing would vouch for the run's 201s; a Locust run writes ``<acks-dir>/<event_id>/*.jsonl`` as
+    it starts, lines or not)."""
     from rich.console import Console
 
     from service import db
@@ -591,8 +592,12 @@ def run_cli(
             return 2
         try:
             acks = load_acks(acks_file, event_id)
+            others = not acks and any(a.get("event_id", event_id) != event_id for a in load_acks(acks_file))
         except (OSError, AckError) as exc:
             console.print(f"[red]cannot read acks from {acks_file}: {exc}[/red]")
+            return 2
+        if others:  # another event's acks: read from the wrong place
+            console.print(f"[red]the acks in {acks_file} are of other events, none of {event_id}[/red]")
             return 2
 
     async def go() -> AuditReport:

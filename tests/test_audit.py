@@ -167,6 +167,10 @@ def test_an_acks_path_without_an_ack_file_of_the_event_is_refused(tmp_path, priv
     (tmp_path / "other-event" / "host-1.jsonl").write_bytes(b"")
     for path in (tmp_path, tmp_path / "missing"):
         assert run_cli(private_settings, event_id="e1", acks_file=path, drain_timeout_seconds=0) == 2
+    other = {"kind": "abandoned", "event_id": "other-event", "hold_id": "h1"}
+    (tmp_path / "other-event" / "host-1.jsonl").write_bytes(orjson.dumps(other) + b"\n")
+    acks_of_another = tmp_path / "other-event"  # has *.jsonl, but of another event
+    assert run_cli(private_settings, event_id="e1", acks_file=acks_of_another, drain_timeout_seconds=0) == 2
     (tmp_path / "e1").mkdir()
     (tmp_path / "e1" / "host-1.jsonl").write_bytes(b"")
     assert ack_files(tmp_path, "e1") == [tmp_path / "e1" / "host-1.jsonl"]
