@@ -109,9 +109,7 @@ class ZoneSpec(_Strict):
                 ]
             )
             self.seats = _normalize_unique(labels)
-            self.rows = None
-            if not self.seats or len(self.seats) > MAX_SEATS_PER_ZONE:
-                raise ValueError(f"a seated zone has 1..{MAX_SEATS_PER_ZONE} seats")
+            self.rows = None  # labels are distinct (or refused above): len(self.seats) == count
             if self.capacity is not None and self.capacity != len(self.seats):
                 raise ValueError("capacity of a seated zone is its number of seats")
             self.capacity = len(self.seats)
