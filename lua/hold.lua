@@ -181,8 +181,8 @@ local function hold(hold_id, customer_id, ttl_seconds, items_json, idempotency)
 
   -- A refusal must not come from holds that have expired but wait in the reaping queue (a flash sale
   -- expires many holds in the same millisecond): while one could change the answer, reap another batch,
-  -- up to REAP_BATCHES a call (the sweeper's next pass gives the rest back; it runs every 0.25 s, so a
-  -- backlog past that is a sweeper that is down).
+  -- up to REAP_BATCHES a call (a longer backlog, e.g. thousands of holds run out in the same second, is the
+  -- sweeper's: its next pass, at most 0.25 s later, gives the rest back).
   local items = decoded[items_json]
   if not items then
     items = cjson.decode(items_json)
