@@ -7,14 +7,13 @@ All functions take an asyncpg pool or connection; asyncpg errors propagate unles
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import orjson
 
-from service.domain import EventSpec, ZoneSpec
+from service.domain import DeadOrder, EventSpec, ZoneSpec
 from service.errors import DomainError
 
 
@@ -125,19 +124,6 @@ async def tickets_by_customer(pool: asyncpg.Pool, event_id: str) -> dict[str, in
     return {r["customer_id"]: r["tickets"] for r in rows}
 
 
-@dataclass
-class DeadOrder:
-    """An acknowledged order PostgreSQL refused (``dead_letters``) and its ``orders`` lacks: a person decides
-    (refund or re-seat), and until then its stock stays sold (``workers/reconcile.py``, ``service/rebuild.py``)."""
-
-    order_id: str
-    confirmed_at_ms: float
-    ga: dict[str, int]
-    """zone -> general-admission tickets."""
-    seats: list[tuple[str, str]]
-    """(zone, seat) of its seats that the event's seat map has (one it lacks was refused as unknown)."""
-
-
 _DEAD_UNWRITTEN_SQL = """
 SELECT DISTINCT ON (d.order_id) d.order_id, d.payload FROM dead_letters d
 WHERE d.event_id = $1 AND d.order_id IS NOT NULL
@@ -192,24 +178,6 @@ def _dead_order(raw: str | bytes | dict, order_id: str) -> DeadOrder | None:
         else:
             return None
     return DeadOrder(order_id, confirmed_at_ms, dict(ga), seats)
-
-
-def dead_stock(
-    orders: list[DeadOrder], taken: dict[tuple[str, str], str] | set[tuple[str, str]]
-) -> tuple[dict[str, int], dict[tuple[str, str], str]]:
-    """What ``orders`` keep sold: (zone -> tickets, (zone, seat) -> order id). A seat counts only where it is
-    theirs: not in ``taken`` (seats other orders have) and not an earlier dead order's (one seat, one owner;
-    a dead order refused for a seat sold twice keeps nothing there). General-admission tickets all count."""
-    tickets: dict[str, int] = defaultdict(int)
-    seats: dict[tuple[str, str], str] = {}
-    for o in orders:
-        for zone_id, n in o.ga.items():
-            tickets[zone_id] += n
-        for seat in o.seats:
-            if seat not in taken and seat not in seats:
-                seats[seat] = o.order_id
-                tickets[seat[0]] += 1
-    return dict(tickets), seats
 
 
 def _ms(ts: datetime) -> int:

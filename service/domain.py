@@ -11,7 +11,8 @@ import functools
 import hashlib
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -219,6 +220,37 @@ class HoldRequest(_Strict):
 
 class ConfirmRequest(_Strict):
     payment_ref: str = Field(min_length=1, max_length=200, pattern=NO_CONTROL)
+
+
+@dataclass
+class DeadOrder:
+    """An acknowledged order PostgreSQL refused (``dead_letters``) and its ``orders`` lacks: a person decides
+    (refund or re-seat), and until then its stock stays sold (``dead_stock``; read by ``db.dead_orders``)."""
+
+    order_id: str
+    confirmed_at_ms: float
+    ga: dict[str, int]
+    """zone -> general-admission tickets."""
+    seats: list[tuple[str, str]]
+    """(zone, seat) of its seats that the event's seat map has (one it lacks was refused as unknown)."""
+
+
+def dead_stock(
+    orders: list[DeadOrder], taken: dict[tuple[str, str], str] | set[tuple[str, str]]
+) -> tuple[dict[str, int], dict[tuple[str, str], str]]:
+    """What ``orders`` keep sold: (zone -> tickets, (zone, seat) -> order id). A seat counts only where it is
+    theirs: not in ``taken`` (seats other orders have) and not an earlier dead order's (one seat, one owner;
+    a dead order refused for a seat sold twice keeps nothing there). General-admission tickets all count."""
+    tickets: dict[str, int] = defaultdict(int)
+    seats: dict[tuple[str, str], str] = {}
+    for o in orders:
+        for zone_id, n in o.ga.items():
+            tickets[zone_id] += n
+        for seat in o.seats:
+            if seat not in taken and seat not in seats:
+                seats[seat] = o.order_id
+                tickets[seat[0]] += 1
+    return dict(tickets), seats
 
 
 def iso_ms(ms: int | None) -> str | None:

@@ -9,7 +9,7 @@ For a Redis that restarted empty (no AOF/RDB, or FLUSHALL) or lost an event's ke
 3. read the catalog (``db.get_event(with_seats=True)``), tickets sold per zone (``db.sold_by_zone``), seats
    sold (``db.sold_seats``) and tickets per customer, in one REPEATABLE READ transaction; the tickets and
    seats of dead-lettered orders PostgreSQL's ``orders`` lacks count as sold too (acknowledged sales it
-   refused: a person decides, and until then nobody else may buy them; ``db.dead_stock``, as reconcile
+   refused: a person decides, and until then nobody else may buy them; ``domain.dead_stock``, as reconcile
    keeps them);
 4. delete whatever keys of the event are left (``Inventory.unload_event``: old hold records, idempotency
    keys, order pointers), so a hold given before the loss is unknown: its confirm gets 404
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from service import catalog, db, keys
-from service.domain import EVENT_ON_SALE, EVENT_PAUSED
+from service.domain import EVENT_ON_SALE, EVENT_PAUSED, dead_stock
 from service.errors import DomainError
 from service.inventory import Inventory
 from service.settings import Settings
@@ -112,7 +112,7 @@ async def rebuild_event(
         orders = await conn.fetchval("SELECT count(*) FROM orders WHERE event_id = $1", event_id)
         dead_orders = await db.dead_orders(conn, event_id)
     taken = {(zone_id, seat) for zone_id, seats in sold_seats.items() for seat in seats}
-    dead_tickets, dead_seats = db.dead_stock(dead_orders, taken)
+    dead_tickets, dead_seats = dead_stock(dead_orders, taken)
     capacity = {z.zone_id: z.capacity for z in spec.zones}
     for zone_id, tickets in dead_tickets.items():  # never past capacity (a dead letter of a real oversell)
         if zone_id in capacity:

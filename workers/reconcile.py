@@ -11,7 +11,7 @@ What is compared, per event (figures in tickets unless named otherwise):
 * ``seat_sold_in_pg_not_redis`` / ``seat_sold_in_redis_not_pg``: a seat PostgreSQL (or the outbox, or a dead
   letter of an order PostgreSQL lacks) sold to order O is ``s:O`` in the zone's owner hash, and every ``s:O``
   there is such a seat. Where two of them name one seat, PostgreSQL wins, then the outbox; a dead letter keeps
-  only seats of the seat map that neither has (``db.dead_stock``: else no seat and no ticket there).
+  only seats of the seat map that neither has (``domain.dead_stock``: else no seat and no ticket there).
 * ``orphan_expiry`` (expiry-set member without an active hold record), ``hold_missing_expiry`` (active hold
   record not in the expiry set: it would never expire), ``stale_seat_hold`` (owner ``h:H`` with H not
   active), ``held_vs_holds`` (zone ``held`` != tickets of the active holds).
@@ -76,7 +76,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
 from service import catalog, db, keys, metrics
-from service.domain import EVENT_ON_SALE, EVENT_PAUSED, HOLD_ACTIVE, ID_RE
+from service.domain import EVENT_ON_SALE, EVENT_PAUSED, HOLD_ACTIVE, ID_RE, DeadOrder, dead_stock
 from service.errors import DomainError
 from service.inventory import Inventory
 from service.settings import Settings
@@ -439,12 +439,12 @@ class _Record:
     persisted: set[str]
     dead_letter_orders: set[str]
     dead_letters: int
-    dead_orders: list[db.DeadOrder]
+    dead_orders: list[DeadOrder]
     """Dead-lettered orders ``orders`` lacks, but those in flight or confirmed after the Redis snapshot."""
 
     def dead_stock(self, flight_seats: dict[tuple[str, str], str]):
-        """What the dead orders keep sold (``db.dead_stock``): seats that no order in PostgreSQL or in flight has."""
-        return db.dead_stock(self.dead_orders, {**flight_seats, **self.seats})
+        """What the dead orders keep sold (``domain.dead_stock``): seats that no order in PostgreSQL or in flight has."""
+        return dead_stock(self.dead_orders, {**flight_seats, **self.seats})
 
 
 def _order_ids(outbox: list[tuple[str, dict]]) -> list[str]:
@@ -1004,7 +1004,7 @@ def _plan_counters(event_id, zone_ids, live: _Live, holds, record: _Record, flig
     owner_del: dict[str, list[str]] = defaultdict(list)
     held: dict[str, int] = defaultdict(int)
     # Dead-lettered orders' seats stay theirs (a person decides), where no order in PostgreSQL or in flight
-    # has the seat (then the dead order keeps nothing there, ticket included: db.dead_stock).
+    # has the seat (then the dead order keeps nothing there, ticket included: domain.dead_stock).
     dead_tickets, dead_seats = record.dead_stock(flight_seats)
     want_owner: dict[tuple[str, str], str] = {k: f"s:{o}" for k, o in dead_seats.items()}
     want_owner.update({k: f"s:{o}" for k, o in flight_seats.items()})
