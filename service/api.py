@@ -175,7 +175,8 @@ async def release_hold(request: Request) -> JSON:
 
 
 async def get_order(request: Request) -> JSON:
-    """The order from PostgreSQL (persisted: true) or, until the worker wrote it, from Redis (persisted: false)."""
+    """The order from PostgreSQL (persisted: true) or, until the worker wrote it, from Redis (persisted: false).
+    Neither has it: event_not_found if the catalog has no such event, else order_not_found."""
     event_id = _event_id(request)
     order_id = check_ident(request.path_params["order_id"], "order")
     state = request.app.state
@@ -184,7 +185,9 @@ async def get_order(request: Request) -> JSON:
         return JSON(order_view(order, persisted=True))
     order = await state.inventory.find_order(event_id, order_id)
     if order is None:
-        raise DomainError("order_not_found")
+        raise DomainError(
+            "order_not_found" if await db.event_exists(state.pg, event_id) else "event_not_found"
+        )
     return JSON(order_view(order, persisted=False))
 
 

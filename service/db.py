@@ -54,6 +54,11 @@ async def set_status(pool: asyncpg.Pool, event_id: str, status: str) -> None:
     await pool.execute("UPDATE events SET status = $2 WHERE event_id = $1", event_id, status)
 
 
+async def event_exists(pool: asyncpg.Pool, event_id: str) -> bool:
+    """Whether the catalog has the event (PostgreSQL is its durable record)."""
+    return await pool.fetchval("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = $1)", event_id)
+
+
 async def event_ids(pool: asyncpg.Pool) -> list[str]:
     return [r["event_id"] for r in await pool.fetch("SELECT event_id FROM events ORDER BY event_id")]
 

@@ -203,6 +203,7 @@ async def test_hold_confirm_flow(client, make_event):
     assert r.status_code == 200 and r.json()["order_id"] == order["order_id"]
     assert r.json()["persisted"] in (True, False)
     err(await client.get(f"/v1/events/{eid}/orders/o_nope"), 404, "order_not_found")
+    err(await client.get("/v1/events/no-such-event/orders/o_nope"), 404, "event_not_found")
 
 
 async def test_release_idempotent(client, make_event):

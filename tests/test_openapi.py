@@ -247,6 +247,13 @@ async def test_error_replies_are_documented_for_their_route(client, make_event) 
         404,
         "event_not_found",
     )
+    check_reply(
+        await client.get(f"/v1/events/{missing}/orders/o_{'0' * 32}"),
+        "get",
+        "/v1/events/{event_id}/orders/{order_id}",
+        404,
+        "event_not_found",
+    )
     body = event_body()
     del body["zones"]
     check_reply(
