@@ -14,7 +14,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from service import keys
-from service.domain import EVENT_ON_SALE, HOLD_ACTIVE, EventSpec, HoldRequest
+from service.domain import EVENT_ON_SALE, EVENT_PAUSED, HOLD_ACTIVE, EventSpec, HoldRequest
 from service.errors import DomainError
 from service.scripts import ScriptRunner, only_reply
 from service.settings import Settings
@@ -237,6 +237,19 @@ class Inventory:
 
     async def event_exists(self, event_id: str) -> bool:
         return bool(await self.client.exists(keys.meta(event_id)))
+
+    async def unsold(self, event_id: str) -> bool:
+        """True if the event's Redis keys carry no sale: status paused, no zone with tickets held or sold, no
+        per-customer counts and an empty outbox (what a create that failed after its load leaves)."""
+        status, raw_zones = await self.client.hmget(keys.meta(event_id), "status", "zones")
+        if status not in (EVENT_PAUSED, EVENT_PAUSED.encode()):
+            return False
+        for zone_id in orjson.loads(raw_zones or b"[]"):
+            held, sold = await self.client.hmget(keys.zone(event_id, zone_id), "held", "sold")
+            if int(held or 0) or int(sold or 0):
+                return False
+        customers = await self.client.hlen(keys.customers(event_id))
+        return not customers and not await self.client.xlen(keys.outbox(event_id))
 
     async def load_event(
         self,

@@ -1,0 +1,126 @@
+"""Creating an event across PostgreSQL and Redis (service/catalog.py): both stores or neither, on the module's
+own throw-away redis-server and the session's database. Faults are injected into the Redis side only."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import event_body
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service import catalog, db, keys
+from service.domain import EVENT_ON_SALE, EVENT_PAUSED, EventSpec, HoldRequest
+from service.errors import DomainError
+
+GA = [{"zone_id": "floor", "quantity": 1}]
+
+
+def new_spec() -> EventSpec:
+    return EventSpec(**event_body())
+
+
+async def redis_status(inventory, event_id: str) -> str | None:
+    raw = await inventory.client.hget(keys.meta(event_id), "status")
+    return raw.decode() if raw is not None else None
+
+
+async def pg_status(pg, event_id: str) -> str | None:
+    return await pg.fetchval("SELECT status FROM events WHERE event_id = $1", event_id)
+
+
+async def test_a_load_whose_reply_is_lost_is_undone(pg, inventory, monkeypatch):
+    """Redis applied the load but the reply never came (a timeout): nothing of the event may stay behind, and
+    creating it again works. Before, the event stayed on sale in Redis only: it sold, and nothing was saved."""
+    spec = new_spec()
+    real_load = inventory.load_event
+
+    async def load_then_lose_reply(*args, **kwargs):
+        await real_load(*args, **kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(inventory, "load_event", load_then_lose_reply)
+    with pytest.raises(RedisTimeoutError):
+        await catalog.create_event(pg, inventory, spec)
+    assert await pg_status(pg, spec.event_id) is None
+    assert not await inventory.event_exists(spec.event_id)
+    assert not await inventory.client.sismember(keys.EVENTS_KEY, spec.event_id)
+
+    monkeypatch.undo()
+    await catalog.create_event(pg, inventory, spec)
+    assert await redis_status(inventory, spec.event_id) == EVENT_ON_SALE
+    assert await pg_status(pg, spec.event_id) == EVENT_ON_SALE
+
+
+async def test_nobody_can_hold_before_the_record_is_committed(pg, inventory, monkeypatch):
+    spec = new_spec()
+    real_load = inventory.load_event
+    seen: list[str] = []
+
+    async def load_then_try_a_hold(*args, **kwargs):
+        await real_load(*args, **kwargs)
+        try:
+            await inventory.hold(spec.event_id, HoldRequest(customer_id="early", items=GA))
+            seen.append("held")
+        except DomainError as err:
+            seen.append(err.code)
+
+    monkeypatch.setattr(inventory, "load_event", load_then_try_a_hold)
+    await catalog.create_event(pg, inventory, spec)
+    assert seen == ["sale_paused"]
+    assert await redis_status(inventory, spec.event_id) == EVENT_ON_SALE
+    hold, _ = await inventory.hold(spec.event_id, HoldRequest(customer_id="on-time", items=GA))
+    assert hold["status"] == "active"
+
+
+async def test_keys_a_failed_create_left_are_replaced(pg, inventory):
+    """A paused event in Redis that PostgreSQL does not know and that sold nothing (a create whose load and
+    unload both failed) does not block creating it for good."""
+    spec = new_spec()
+    await inventory.load_event(spec, status=EVENT_PAUSED)
+    with pytest.raises(DomainError) as exc:  # the record has no such event: no resume either
+        await catalog.set_status(pg, inventory, spec.event_id, EVENT_ON_SALE)
+    assert exc.value.code == "event_not_found"
+    assert await redis_status(inventory, spec.event_id) == EVENT_PAUSED
+
+    await catalog.create_event(pg, inventory, spec)
+    assert await redis_status(inventory, spec.event_id) == EVENT_ON_SALE
+    spec_pg, status = await db.get_event(pg, spec.event_id)
+    assert status == EVENT_ON_SALE and spec_pg.event_id == spec.event_id
+
+
+@pytest.mark.parametrize("case", ["on_sale", "holds", "sold"])
+async def test_keys_with_sales_are_never_replaced(pg, inventory, case):
+    spec = new_spec()
+    eid = spec.event_id
+    if case == "sold":
+        await inventory.load_event(spec, status=EVENT_PAUSED, sold={"floor": 3})
+    else:
+        await inventory.load_event(spec, status=EVENT_ON_SALE)
+    hold = None
+    if case == "holds":
+        hold, _ = await inventory.hold(eid, HoldRequest(customer_id="c1", items=GA))
+        await inventory.set_status(eid, EVENT_PAUSED)
+    with pytest.raises(DomainError) as exc:
+        await catalog.create_event(pg, inventory, spec)
+    assert exc.value.code == "event_exists"
+    assert await pg_status(pg, eid) is None
+    assert await inventory.event_exists(eid)
+    if hold is not None:
+        assert (await inventory.get_hold(eid, hold["hold_id"]))["status"] == "active"
+    await inventory.unload_event(eid)
+
+
+async def test_a_failed_switch_to_on_sale_leaves_the_event_paused_in_both_stores(pg, inventory, monkeypatch):
+    spec = new_spec()
+
+    async def refuse(*args, **kwargs):
+        raise RedisConnectionError("Redis went away")
+
+    monkeypatch.setattr(inventory, "set_status", refuse)
+    with pytest.raises(RedisConnectionError):
+        await catalog.create_event(pg, inventory, spec)
+    monkeypatch.undo()
+    assert await redis_status(inventory, spec.event_id) == EVENT_PAUSED
+    assert await pg_status(pg, spec.event_id) == EVENT_PAUSED
+    await catalog.set_status(pg, inventory, spec.event_id, EVENT_ON_SALE)
+    assert await redis_status(inventory, spec.event_id) == EVENT_ON_SALE
