@@ -2,7 +2,8 @@
 
 For a Redis that restarted empty (no AOF/RDB, or FLUSHALL) or lost an event's keys. Per event:
 
-1. refuse if the event is live in Redis (its meta hash exists): a rebuild would drop its holds and zero its
+1. take the event's rebuild lock (a PostgreSQL advisory lock; refuse if another rebuild has it), then
+   refuse if the event is live in Redis (its meta hash exists): a rebuild would drop its holds and zero its
    ``held`` counters under them; use ``boxoffice reconcile --event E --repair`` for a live event;
 2. if an outbox stream of the event survived, write it through first (``workers.reconcile.redrive_outbox``:
    ``write_batch``, then XACK + XDEL), so orders Redis still has reach PostgreSQL before we read it;
@@ -76,17 +77,44 @@ async def rebuild_event(
     """Reload one event from PostgreSQL into Redis (see the module doc). Returns what was loaded.
 
     Raises DomainError(event_not_found) if PostgreSQL does not know the event, DomainError(event_exists) if it
-    is live in Redis (nothing is changed). Redis or PostgreSQL errors propagate; running it again is safe
-    (the event is not live until the last step wrote its meta hash).
+    is live in Redis or another rebuild of it is running (nothing is changed). Redis or PostgreSQL errors
+    propagate; running it again is safe (the event is not live until the last step wrote its meta hash).
     """
     started = time.perf_counter()
-    inventory, client = redis_inventory, redis_inventory.client
+    inventory = redis_inventory
 
     def step(n: int, what: str) -> None:
         if progress is not None:
             progress(what, n, STEPS)
 
     step(0, "checking Redis")
+    # One rebuild of an event at a time: a second one that checked "not live" while the first was loading
+    # would unload the event after the first resumed it, and load its older reading over the sales made since.
+    # A session-level advisory lock on its own connection; PostgreSQL drops it if this process dies.
+    async with pg.acquire() as lock_conn:
+        lock_key = f"boxoffice.rebuild:{event_id}"
+        if not await lock_conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", lock_key):
+            raise DomainError(
+                "event_exists",
+                message="Another rebuild of this event is running.",
+                details={"event_id": event_id},
+            )
+        try:
+            return await _rebuild_locked(inventory, pg, event_id, resume=resume, step=step, started=started)
+        finally:
+            await lock_conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key)
+
+
+async def _rebuild_locked(
+    inventory: Inventory,
+    pg: asyncpg.Pool,
+    event_id: str,
+    *,
+    resume: bool,
+    step: Callable[[int, str], None],
+    started: float,
+) -> RebuildResult:
+    client = inventory.client
     if await inventory.event_exists(event_id):
         raise DomainError(
             "event_exists",

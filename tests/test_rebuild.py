@@ -190,3 +190,41 @@ async def test_rebuild_cli(scratch, capsys):
     # Again: the event is live now, so a rebuild of it is refused (exit 1); an unknown event exits 2.
     assert await asyncio.to_thread(run_cli, settings, event_id=eid, resume=False) == 1
     assert await asyncio.to_thread(run_cli, settings, event_id="no-such-event", resume=False) == 2
+
+
+async def test_two_rebuilds_of_one_event_at_once(scratch):
+    """The second of two overlapping rebuilds must not unload the event the first one loaded (and resumed),
+    nor load its own older reading over the sales made since: one of them refuses."""
+    client, inventory, pg, settings, write_through = scratch
+    eid = await create(client)
+    await buy(client, eid, "c-1", ga=2, seats=["A1"])
+    await write_through(eid)
+    await inventory.unload_event(eid)  # Redis lost the event
+
+    results = await asyncio.gather(
+        *(rebuild_event(inventory, pg, eid, resume=True) for _ in range(2)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, DomainError)]
+    assert len(refused) == 1 and refused[0].code == "event_exists", results
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+
+    # The sale goes on where PostgreSQL left it, and a third rebuild still refuses the live event.
+    assert (await hold(client, eid, "c-2", seats=["A1"])).json()["error"]["code"] == "seats_unavailable"
+    assert (await zones(client, eid))["floor"]["sold"] == 2
+    with pytest.raises(DomainError) as exc:
+        await rebuild_event(inventory, pg, eid, resume=False)
+    assert exc.value.code == "event_exists"
+
+
+async def test_a_rebuild_refuses_while_another_holds_the_event(scratch):
+    client, inventory, pg, settings, write_through = scratch
+    eid = await create(client)
+    await inventory.unload_event(eid)
+    async with pg.acquire() as other:  # another rebuild's lock (service/rebuild.py)
+        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", f"boxoffice.rebuild:{eid}")
+        with pytest.raises(DomainError) as exc:
+            await rebuild_event(inventory, pg, eid, resume=False)
+        assert exc.value.code == "event_exists" and "Another rebuild" in exc.value.message
+        assert not await inventory.event_exists(eid)
+        await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", f"boxoffice.rebuild:{eid}")
+    assert (await rebuild_event(inventory, pg, eid, resume=False)).status == "paused"
