@@ -1,9 +1,9 @@
 """The worker as a process (``python -m service.cli worker``) under faults: SIGKILL mid-batch, PostgreSQL
-unreachable, two workers at once. After each, every confirmed order is in PostgreSQL exactly once and
+unreachable, Redis unreachable (a restart), two workers at once. After each, every confirmed order is in PostgreSQL exactly once and
 ``zones.sold`` equals what Redis sold.
 
 The workers use a throw-away redis-server (see tests/test_outbox.py for why) and the session's database.
-PostgreSQL outages are made with a small TCP proxy in this process that we close and reopen.
+Outages are made with a small TCP proxy in this process that we close and reopen.
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ class Worker:
 def workers(private_settings):
     started: list[Worker] = []
 
-    def start(database_url: str | None = None, **env: str) -> Worker:
-        w = Worker(private_settings.redis_url, database_url or private_settings.database_url, **env)
+    def start(database_url: str | None = None, redis_url: str | None = None, **env: str) -> Worker:
+        w = Worker(
+            redis_url or private_settings.redis_url, database_url or private_settings.database_url, **env
+        )
         started.append(w)
         return w
 
@@ -81,7 +83,8 @@ def workers(private_settings):
 
 
 class TcpProxy:
-    """Forwards a loopback port to PostgreSQL; ``stop()`` refuses new connections and cuts the open ones."""
+    """Forwards a loopback port to a server (PostgreSQL, Redis); ``stop()`` refuses new connections and cuts the
+    open ones, as a server that went away does."""
 
     def __init__(self, host: str, port: int):
         self.target = (host, port)
@@ -287,3 +290,33 @@ async def test_two_workers_write_no_order_twice(pg, inventory, workers):
     for w in pair:
         assert await w.wait_exit(15) == 0, w.output()[-3000:]
         assert "worker stopped" in w.output()
+
+
+async def test_worker_rides_out_a_redis_restart(pg, inventory, private_settings, workers):
+    """Redis goes away for 2 s (a restart or failover): the worker process stays up, and once Redis is back
+    its write-through lands every order once. Before, arq's poll loop raised ConnectionError and the process
+    exited with 1, write-through and sweeper with it."""
+    target = urlsplit(private_settings.redis_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    via_proxy = urlunsplit((target.scheme, f"127.0.0.1:{proxy.port}", target.path, "", ""))
+    try:
+        eid = await new_event(pg, inventory, **big_event())
+        worker = workers(redis_url=via_proxy)
+        orders = await buy_many(inventory, eid, 50, "before")
+        await wait_until(lambda: drained(pg, inventory, eid, 50), 30, "the first orders", [worker])
+
+        await proxy.stop()  # the worker's Redis is gone; the API (this process) still sells
+        orders += await buy_many(inventory, eid, 150, "during")
+        await asyncio.sleep(2)
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        await proxy.start()
+        await wait_until(
+            lambda: drained(pg, inventory, eid, 200), 30, "the backlog after Redis returned", [worker]
+        )
+        await assert_exactly_once(pg, inventory, eid, orders)
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit(15) == 0, worker.output()[-3000:]
+    finally:
+        await proxy.stop()

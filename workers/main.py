@@ -22,6 +22,10 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.cron import CronJob
 from arq.worker import run_worker as arq_run_worker
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import db
 from service.app import redis_client
@@ -172,6 +176,23 @@ class WorkerSettings:
     keep_result = 60
 
 
+QUEUE_RETRIES = 300
+"""How often arq's Redis commands are tried again (0.05 s backoff doubling up to 1 s: ~5 minutes in all) when
+the queue's Redis refuses connections or times out. arq's poll loop has no retry of its own, so without this
+the worker process exited on the first poll after any Redis restart or failover, leaving the write-through
+and the sweeper (which ride out outages themselves) stopped with it. Past that, the worker exits with the
+error. A SIGTERM during an outage also waits for the last retries of arq's shutdown (SIGKILL loses nothing)."""
+
+
+def queue_redis_settings(settings: Settings) -> RedisSettings:
+    """arq's RedisSettings for ``queue_redis_url``, with ``QUEUE_RETRIES`` on connection errors and timeouts
+    (OSError too: redis-py retries a refused connect only when its error class is listed)."""
+    redis_settings = RedisSettings.from_dsn(queue_redis_url(settings))
+    redis_settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), QUEUE_RETRIES)
+    redis_settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+    return redis_settings
+
+
 def queue_redis_url(settings: Settings) -> str:
     """Where arq keeps its job queue and cron lock: ``queue_redis_url``, else ``redis_url``. Raises
     RuntimeError for a Redis Cluster without ``queue_redis_url`` (arq needs a single server)."""
@@ -210,7 +231,7 @@ def run_worker(settings: Settings) -> None:
         serve_metrics(settings.host, settings.worker_metrics_port)
     arq_run_worker(
         WorkerSettings,
-        redis_settings=RedisSettings.from_dsn(queue_redis_url(settings)),
+        redis_settings=queue_redis_settings(settings),
         ctx={"settings": settings},
         cron_jobs=schedule(settings),
     )
