@@ -184,9 +184,23 @@ def bench(
     )
 
 
+def _refuse(err) -> None:
+    """Print a DomainError's JSON body (the API's error contract) on stderr and exit: 2 for an unknown
+    event, 1 for any other refusal."""
+    import orjson
+
+    typer.echo(orjson.dumps(err.body(), option=orjson.OPT_INDENT_2).decode(), err=True)
+    _exit(2 if err.code == "event_not_found" else 1)
+
+
 def _event_call(coro_fn, *args):
+    """Run ``coro_fn(pool, inventory, *args)`` against the chosen servers; a DomainError exits (``_refuse``)."""
+    import asyncpg
+    from redis.exceptions import RedisError
+
     from service import db
     from service.app import redis_client
+    from service.errors import DomainError
     from service.inventory import Inventory
 
     settings = resolve_settings(quiet=True)
@@ -202,14 +216,23 @@ def _event_call(coro_fn, *args):
             inventory.close()
             await client.aclose()
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except DomainError as err:
+        _refuse(err)
+    except asyncpg.UndefinedTableError:
+        typer.echo(f"{settings.database_url}: no boxoffice tables; run `boxoffice migrate` first", err=True)
+        _exit(1)
+    except (RedisError, asyncpg.PostgresError, OSError) as exc:  # a store unreachable or refusing
+        typer.echo(f"{type(exc).__name__}: {exc}", err=True)
+        _exit(1)
 
 
 @event_app.command("create")
 def event_create(
     file: Path = typer.Argument(..., exists=True, help="Event JSON, as POST /v1/events takes."),
 ) -> None:
-    """Create an event (PostgreSQL and Redis) from a JSON file."""
+    """Create an event (PostgreSQL and Redis) from a JSON file. Exits 1 with the API's JSON error if refused."""
     import orjson
 
     from service import catalog
@@ -218,11 +241,14 @@ def event_create(
     from service.http import validate
 
     try:
-        spec = validate(EventSpec, orjson.loads(file.read_bytes()))
-        _event_call(catalog.create_event, spec)
+        data = orjson.loads(file.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        _refuse(DomainError("malformed_json", details={"reason": str(exc)}))
+    try:
+        spec = validate(EventSpec, data)
     except DomainError as err:
-        typer.echo(orjson.dumps(err.body(), option=orjson.OPT_INDENT_2).decode(), err=True)
-        _exit(1)
+        _refuse(err)
+    _event_call(catalog.create_event, spec)
     typer.echo(f"created {spec.event_id}")
 
 

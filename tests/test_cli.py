@@ -68,3 +68,39 @@ def test_every_command_has_help(cli_env):
     ):
         r = cli_env.invoke(app, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, cmd
+
+
+@pytest.mark.parametrize("command", ["show", "pause", "resume"])
+def test_event_commands_on_an_unknown_event_say_so(cli_env, command):
+    r = cli_env.invoke(app, ["event", command, "no-such-event"])
+    assert r.exit_code == 2, r.output
+    assert json.loads(r.stderr)["error"]["code"] == "event_not_found"
+    assert "Traceback" not in r.output
+
+
+def test_event_create_refuses_a_file_that_is_not_json(cli_env, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{bad")
+    r = cli_env.invoke(app, ["event", "create", str(path)])
+    assert r.exit_code == 1, r.output
+    assert json.loads(r.stderr)["error"]["code"] == "malformed_json"
+
+
+def test_event_commands_on_a_database_not_migrated_say_what_to_do(cli_env, settings, monkeypatch):
+    import uuid
+
+    import psycopg
+
+    base, _, _ = settings.database_url.rpartition("/")
+    name = f"boxoffice_empty_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        monkeypatch.setenv("DATABASE_URL", f"{base}/{name}")
+        get_settings.cache_clear()
+        r = cli_env.invoke(app, ["event", "show", "any"])
+        assert r.exit_code == 1 and "boxoffice migrate" in r.stderr, r.output
+        assert "Traceback" not in r.output
+    finally:
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
