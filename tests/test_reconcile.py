@@ -408,3 +408,197 @@ async def test_a_dead_letter_for_a_seat_sold_twice_keeps_nothing(scratch):
         sec = (await zones(client, eid))["sec-101"]
         assert (sec["available"], sec["held"], sec["sold"]) == (18, 0, 2), step
         assert await r.hget(keys.owners(eid, "sec-101"), "A1") != b"s:o_forged"
+
+
+# A partial Redis loss: Redis comes back from a snapshot older than some confirms PostgreSQL already has.
+
+
+async def snapshot(r, eid: str) -> list[tuple[bytes, int, bytes]]:
+    """The event's keys as an RDB taken now would bring them back: (key, TTL in ms or 0, DUMP)."""
+    return [
+        (k, max(await r.pttl(k), 0), await r.dump(k)) async for k in r.scan_iter(match=keys.prefix(eid) + "*")
+    ]
+
+
+async def restart_from(r, eid: str, snap: list[tuple[bytes, int, bytes]]) -> None:
+    """Redis restarts from ``snap``: the event's keys are what they were then, whatever was written since is gone."""
+    await r.delete(*[k async for k in r.scan_iter(match=keys.prefix(eid) + "*")])
+    for k, ttl, dump in snap:
+        await r.restore(k, ttl, dump)
+
+
+async def hold_of(client, eid: str, hold_id: str) -> dict:
+    r = await client.get(f"/v1/events/{eid}/holds/{hold_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def confirm_again(client, eid: str, order: dict) -> None:
+    """The buyer's client retries its confirm (repeat-safe): 200 with the order it had, nothing new to write."""
+    r = await client.post(f"/v1/events/{eid}/holds/{order['hold_id']}/confirm", json={"payment_ref": "pay"})
+    assert (r.status_code, r.json()["order_id"]) == (200, order["order_id"]), r.text
+
+
+async def test_repair_confirms_again_the_holds_whose_confirm_redis_lost(scratch):
+    """Holds active in the snapshot, confirmed and written through after it: the repair confirms them again
+    with their PostgreSQL orders (neither held nor released), and the buyers' retries get those orders."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    kept = await buy(client, eid, "c-1", ga=3, seats=["A1"])
+    await write_through(eid)
+    ga = (await hold(client, eid, "c-2", ga=2)).json()["hold_id"]
+    seat = (await hold(client, eid, "c-3", seats=["A2", "A3"])).json()["hold_id"]
+    active = (await hold(client, eid, "c-4", ga=1, seats=["B1"])).json()["hold_id"]
+    snap = await snapshot(r, eid)
+    orders = []
+    for h in (ga, seat):
+        c = await client.post(f"/v1/events/{eid}/holds/{h}/confirm", json={"payment_ref": "pay"})
+        assert c.status_code == 201
+        orders.append(c.json())
+    await write_through(eid)
+    await restart_from(r, eid, snap)
+
+    report = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    lost = next(d for d in report.drifts if d.kind == reconcile.HOLD_CONFIRMED_NOT_IN_REDIS)
+    assert lost.count == 2 and sorted(lost.examples) == sorted(
+        f"{o['hold_id']}: active in Redis, order {o['order_id']} in PostgreSQL" for o in orders
+    )
+
+    fixed = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert fixed.clean, fixed.drifts
+    assert reconcile.HOLD_CONFIRMED_NOT_IN_REDIS in {d.kind for d in fixed.drifts_before}
+    assert fixed.repaired[-1] == "resumed the sale" and fixed.status == "on_sale"
+    for o in orders:
+        h = await hold_of(client, eid, o["hold_id"])
+        assert (h["status"], h["order_id"]) == ("confirmed", o["order_id"])
+        assert await r.get(keys.order(eid, o["order_id"])) == o["hold_id"].encode()
+    assert (await hold_of(client, eid, active))["status"] == "active"
+    # Sold = PostgreSQL's orders; held = the one truly active hold; nothing counted twice.
+    avail = await zones(client, eid)
+    assert [(avail[z]["available"], avail[z]["held"], avail[z]["sold"]) for z in ("floor", "sec-101")] == [
+        (94, 1, 5),
+        (16, 1, 3),
+    ]
+    assert await seats_with(client, eid, "sold") == {"A1", "A2", "A3"}
+    assert await r.hget(keys.owners(eid, "sec-101"), "A2") == f"s:{orders[1]['order_id']}".encode()
+    assert await r.hgetall(keys.customers(eid)) == {b"c-1": b"4", b"c-2": b"2", b"c-3": b"2", b"c-4": b"2"}
+
+    for o in orders:
+        await confirm_again(client, eid, o)
+    assert await r.xlen(keys.outbox(eid)) == 0
+    await write_through(eid)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", eid) == 0
+    assert await db.get_order(pg, eid, kept["order_id"]) is not None
+    assert (await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)).clean
+
+
+async def test_repair_confirms_again_a_hold_that_expired_after_the_loss(scratch):
+    """The lost confirm's hold came back active with little time left, expired (its stock and customer count
+    given back), and another customer held its seat: the repair takes all of that back for the order."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    await buy(client, eid, "c-1", ga=1)
+    await write_through(eid)
+    body = {"customer_id": "c-2", "ttl_seconds": 1, "items": [{"zone_id": "floor", "quantity": 2}]}
+    body["items"].append({"zone_id": "sec-101", "seats": ["A5"]})
+    short = (await client.post(f"/v1/events/{eid}/holds", json=body)).json()["hold_id"]
+    snap = await snapshot(r, eid)
+    c = await client.post(f"/v1/events/{eid}/holds/{short}/confirm", json={"payment_ref": "pay"})
+    assert c.status_code == 201
+    order = c.json()
+    await write_through(eid)
+    await restart_from(r, eid, snap)
+    await asyncio.sleep(1.1)
+    assert (await hold_of(client, eid, short))["status"] == "expired"
+    taker = await hold(client, eid, "c-5", seats=["A5"])  # A5 looks free in Redis
+    assert taker.status_code == 201
+
+    report = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    assert {d.kind: d.examples for d in report.drifts}[reconcile.HOLD_CONFIRMED_NOT_IN_REDIS] == [
+        f"{short}: expired in Redis, order {order['order_id']} in PostgreSQL"
+    ]
+    fixed = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert fixed.clean, fixed.drifts
+    h = await hold_of(client, eid, short)
+    assert (h["status"], h["order_id"]) == ("confirmed", order["order_id"])
+    assert (await hold_of(client, eid, taker.json()["hold_id"]))["status"] == "released"
+    avail = await zones(client, eid)
+    assert [(avail[z]["available"], avail[z]["held"], avail[z]["sold"]) for z in ("floor", "sec-101")] == [
+        (97, 0, 3),
+        (19, 0, 1),
+    ]
+    assert await r.hget(keys.owners(eid, "sec-101"), "A5") == f"s:{order['order_id']}".encode()
+    assert await r.hgetall(keys.customers(eid)) == {b"c-1": b"1", b"c-2": b"3"}
+    await confirm_again(client, eid, order)
+    await write_through(eid)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", eid) == 0
+    assert (await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)).clean
+
+
+async def test_repair_puts_back_the_order_postgresql_has_over_a_second_confirm(scratch):
+    """The buyer retried before the repair: Redis confirmed the hold again with a second order, which
+    PostgreSQL refused (one order per hold). The repair confirms the hold with the order PostgreSQL has; the
+    dead letter stays for a person, and keeps no seat (the seat is the first order's)."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    h = (await hold(client, eid, "c-6", seats=["A7"])).json()["hold_id"]
+    snap = await snapshot(r, eid)
+    first = (await client.post(f"/v1/events/{eid}/holds/{h}/confirm", json={"payment_ref": "pay"})).json()
+    await write_through(eid)
+    await restart_from(r, eid, snap)
+    c = await client.post(f"/v1/events/{eid}/holds/{h}/confirm", json={"payment_ref": "pay"})
+    assert c.status_code == 201 and (second := c.json()["order_id"]) != first["order_id"]
+    await write_through(eid)
+    assert "orders_hold_id_key" in await pg.fetchval(
+        "SELECT reason FROM dead_letters WHERE order_id = $1", second
+    )
+
+    report = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    assert {d.kind: d.examples for d in report.drifts}[reconcile.HOLD_CONFIRMED_NOT_IN_REDIS] == [
+        f"{h}: confirmed with order {second} in Redis, order {first['order_id']} in PostgreSQL"
+    ]
+    fixed = await reconcile_event(r, pg, inventory, eid, repair=True, settings=settings)
+    assert kinds(fixed) == {reconcile.DEAD_LETTERS} and fixed.status == "on_sale", fixed.drifts
+    assert (await hold_of(client, eid, h))["order_id"] == first["order_id"]
+    assert await r.get(keys.order(eid, second)) is None
+    assert await r.hget(keys.owners(eid, "sec-101"), "A7") == f"s:{first['order_id']}".encode()
+    sec = (await zones(client, eid))["sec-101"]
+    assert (sec["available"], sec["held"], sec["sold"]) == (19, 0, 1)
+    await confirm_again(client, eid, first)
+    await write_through(eid)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", eid) == 1
+
+
+async def test_restoring_a_lost_confirm_takes_its_seats_from_holds_made_after_the_check(scratch):
+    """Between the check and the repair, a customer holds a seat of the lost confirm's order (free in Redis:
+    its hold had expired) and another seat carries a stale mark: the restore releases that hold and
+    overwrites the mark, so the seats are the order's and nobody can confirm a second sale of them."""
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    body = {"customer_id": "c-2", "ttl_seconds": 1, "items": [{"zone_id": "sec-101", "seats": ["A5", "A6"]}]}
+    short = (await client.post(f"/v1/events/{eid}/holds", json=body)).json()["hold_id"]
+    snap = await snapshot(r, eid)
+    order = (await client.post(f"/v1/events/{eid}/holds/{short}/confirm", json={"payment_ref": "pay"})).json()
+    await write_through(eid)
+    await restart_from(r, eid, snap)
+    await asyncio.sleep(1.1)
+    await inventory.reap(eid)
+
+    report, findings = await reconcile._check(r, pg, eid, settings)
+    assert findings.lost_confirms == {short: order["order_id"]} and not findings.conflicting_holds
+    taker = (await hold(client, eid, "c-5", seats=["A5"])).json()["hold_id"]
+    await r.hset(keys.owners(eid, "sec-101"), "A6", "h:h_stale")
+    await reconcile._repair(r, pg, inventory, eid, settings, report, findings)
+
+    assert (await hold_of(client, eid, short))["status"] == "confirmed"
+    assert (await hold_of(client, eid, taker))["status"] == "released"
+    owners = await r.hgetall(keys.owners(eid, "sec-101"))
+    assert owners == {b"A5": f"s:{order['order_id']}".encode(), b"A6": f"s:{order['order_id']}".encode()}
+    sec = (await zones(client, eid))["sec-101"]
+    assert (sec["available"], sec["held"], sec["sold"]) == (18, 0, 2)
+    assert await r.hgetall(keys.customers(eid)) == {b"c-2": b"2"}
+    assert (await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)).clean

@@ -99,6 +99,7 @@ ORPHAN_EXPIRY = "orphan_expiry"
 HOLD_MISSING_EXPIRY = "hold_missing_expiry"
 STALE_SEAT_HOLD = "stale_seat_hold"
 ORDER_MISSING_IN_PG = "order_missing_in_pg"
+HOLD_CONFIRMED_NOT_IN_REDIS = "hold_confirmed_in_pg_not_redis"
 OUTBOX_STUCK = "outbox_stuck"
 DEAD_LETTERS = "dead_letters"
 
@@ -117,6 +118,7 @@ KINDS = (
     HOLD_MISSING_EXPIRY,
     STALE_SEAT_HOLD,
     ORDER_MISSING_IN_PG,
+    HOLD_CONFIRMED_NOT_IN_REDIS,
     OUTBOX_STUCK,
     DEAD_LETTERS,
 )
@@ -136,6 +138,7 @@ OVERSELL_RISK = {
     SEAT_SOLD_NOT_IN_PG,
     STALE_SEAT_HOLD,
     ORDER_MISSING_IN_PG,
+    HOLD_CONFIRMED_NOT_IN_REDIS,
     ZONE_MISSING_IN_REDIS,
     EVENT_MISSING_IN_REDIS,
 }
@@ -246,6 +249,8 @@ class _Findings:
     missing_expiry: list[str] = field(default_factory=list)
     conflicting_holds: set[str] = field(default_factory=set)
     lost_orders: list[str] = field(default_factory=list)
+    lost_confirms: dict[str, str] = field(default_factory=dict)
+    """hold id -> the order id PostgreSQL has for it (``HOLD_CONFIRMED_NOT_IN_REDIS``)."""
 
 
 # Redis reads -------------------------------------------------------------------------------------
@@ -421,6 +426,7 @@ WHERE i.event_id = $1 AND i.seat IS NOT NULL
   AND ($2::timestamptz IS NULL OR o.confirmed_at < $2 OR o.order_id = ANY($3::text[]))
 """
 _PERSISTED_SQL = "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])"
+_HOLD_ORDERS_SQL = "SELECT hold_id, order_id FROM orders WHERE event_id = $1 AND hold_id = ANY($2::text[])"
 _DEAD_LETTERS_SQL = "SELECT order_id FROM dead_letters WHERE event_id = $1"
 _FIX_COUNTERS_SQL = """
 UPDATE zones z SET sold = s.items
@@ -445,6 +451,17 @@ class _Record:
     def dead_stock(self, flight_seats: dict[tuple[str, str], str]):
         """What the dead orders keep sold (``domain.dead_stock``): seats that no order in PostgreSQL or in flight has."""
         return dead_stock(self.dead_orders, {**flight_seats, **self.seats})
+
+
+async def _orders_of_holds(pg: asyncpg.Pool, event_id: str, hold_ids: list[str]) -> dict[str, str]:
+    """hold id -> order id, for the holds of ``hold_ids`` that have an order in PostgreSQL (``READ_CHUNK`` ids
+    a query). Ids the API could not have made are skipped (as in ``_order_ids``: they could fail the read)."""
+    ids = [h for h in hold_ids if ID_RE.fullmatch(h)]
+    out: dict[str, str] = {}
+    for start in range(0, len(ids), READ_CHUNK):
+        rows = await pg.fetch(_HOLD_ORDERS_SQL, event_id, ids[start : start + READ_CHUNK])
+        out.update((r["hold_id"], r["order_id"]) for r in rows)
+    return out
 
 
 def _order_ids(outbox: list[tuple[str, dict]]) -> list[str]:
@@ -719,7 +736,8 @@ async def _check(
         for z, s, h in hold_owned
         if h not in live.expiry or (holds.get(h) or {}).get("status") != HOLD_ACTIVE
     ]
-    scanned = [h for h in await _scan_hold_ids(client, event_id) if h not in live.expiry]
+    hold_ids = await _scan_hold_ids(client, event_id)
+    scanned = [h for h in hold_ids if h not in live.expiry]
     scanned_records = await _read_holds(client, event_id, scanned)
     missing_candidates = [h for h, rec in scanned_records.items() if rec and rec["status"] == HOLD_ACTIVE]
     orphans, missing, stale = await _confirm_hold_findings(
@@ -751,15 +769,40 @@ async def _check(
             detail="seats owned by holds that are not active",
         )
 
-    # Confirmed holds whose order the record lacks (acknowledged sales lost from PostgreSQL).
+    # Holds PostgreSQL has an order of, whose record is not confirmed with it: a confirm Redis lost (it came
+    # back from a snapshot older than the confirm, which was written through). Read after the records, so a
+    # hold confirmed meanwhile is found confirmed by the re-check; a confirm's record and outbox entry are
+    # written by one script, so only PostgreSQL can know an order its record lacks.
+    hold_orders = await _orders_of_holds(pg, event_id, sorted({*hold_ids, *holds}))
+    known = {**scanned_records, **holds}
+    lost_confirms = await _confirm_lost_confirms(
+        client,
+        event_id,
+        {h: o for h, o in hold_orders.items() if not _confirmed_with(known.get(h), o)},
+    )
+    # Repair restores these holds' confirms: their seats are their own order's, not a conflict to release.
+    findings.lost_confirms = {h: o for h, (o, _) in lost_confirms.items()}
+    findings.conflicting_holds -= set(lost_confirms)
+    if lost_confirms:
+        _drift(
+            report,
+            HOLD_CONFIRMED_NOT_IN_REDIS,
+            len(lost_confirms),
+            examples=[f"{h}: {st} in Redis, order {o} in PostgreSQL" for h, (o, st) in lost_confirms.items()],
+            detail="holds whose order PostgreSQL has that Redis does not have confirmed with it (a lost confirm)",
+        )
+
+    # Confirmed holds whose order the record lacks (acknowledged sales lost from PostgreSQL). A hold with
+    # another order in PostgreSQL is not one: its record's order is a second one (above).
     in_outbox = set(outbox_ids)
     candidates = [
         rec["order_id"]
-        for rec in scanned_records.values()
+        for h, rec in scanned_records.items()
         if rec
         and rec["status"] == "confirmed"
         and rec["order_id"]
         and rec["order_id"] not in in_outbox
+        and h not in hold_orders
         and (rec["confirmed_at_ms"] or 0) < live.now_ms
     ]
     if candidates:
@@ -828,6 +871,30 @@ async def _confirm_hold_findings(
     )
 
 
+def _confirmed_with(record: dict | None, order_id: str) -> bool:
+    return record is not None and record["status"] == "confirmed" and record["order_id"] == order_id
+
+
+async def _confirm_lost_confirms(
+    client: aioredis.Redis, event_id: str, candidates: dict[str, str]
+) -> dict[str, tuple[str, str]]:
+    """Re-check, in one MULTI, holds whose record is not confirmed with the order PostgreSQL has of them
+    (hold id -> order id). Returns hold id -> (order id, what the record says: its status, and the other
+    order it is confirmed with if any) for those still so; a record gone meanwhile is not reported."""
+    if not candidates:
+        return {}
+    async with client.pipeline(transaction=True) as pipe:
+        for h in candidates:
+            pipe.hmget(keys.hold(event_id, h), "status", "order_id")
+        res = await pipe.execute()
+    out = {}
+    for (h, order_id), (status, other) in zip(candidates.items(), res, strict=True):
+        status, other = _s(status), _s(other)
+        if status is not None and not _confirmed_with({"status": status, "order_id": other}, order_id):
+            out[h] = (order_id, f"{status} with order {other}" if other else status)
+    return out
+
+
 # Repair ------------------------------------------------------------------------------------------
 
 
@@ -887,6 +954,144 @@ async def redrive_outbox(
                 raise replies[1]  # a NOGROUP from XACK (no worker ever ran) is fine; XDEL must work
     finally:
         await slots.aclose()
+
+
+def _stock(items: list[dict]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """zone -> (tickets, sorted seats) of a hold's or an order's items: what the hold held, what the order sold."""
+    tickets: dict[str, int] = defaultdict(int)
+    seats: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        tickets[item["zone_id"]] += _tickets(item)
+        seats[item["zone_id"]] += item.get("seats") or []
+    return {z: (n, tuple(sorted(seats[z]))) for z, n in tickets.items()}
+
+
+_RESTORE_FIELDS = ("status", "items", "customer_id", "order_id")
+_STOCK_SOURCE = {HOLD_ACTIVE: "held", "released": "available", "expired": "available"}
+"""Where a hold's tickets are counted, by status, before its lost confirm moves them to ``sold``."""
+
+
+async def _restore_lost_confirms(
+    client: aioredis.Redis,
+    pg: asyncpg.Pool,
+    inventory: Inventory,
+    event_id: str,
+    findings: _Findings,
+) -> list[str]:
+    """Confirm again, with their PostgreSQL order, the holds whose confirm Redis lost (module doc, 4)."""
+    outcomes: dict[str, list[str]] = defaultdict(list)
+    for hold_id, order_id in sorted(findings.lost_confirms.items()):
+        order = await db.get_order(pg, event_id, order_id)
+        if order is None or order["hold_id"] != hold_id:
+            continue  # orders are never deleted; a person did: the re-check says what is left
+        outcome, released = await _restore_confirm(client, inventory, event_id, hold_id, order)
+        outcomes[outcome].append(hold_id)
+        # Released here, so not again by _fix_holds (a release is idempotent; the count would not be).
+        findings.conflicting_holds -= released
+        outcomes["released"] += sorted(released)
+    actions = []
+    if outcomes["restored"]:
+        actions.append(f"confirmed {len(outcomes['restored'])} holds again with their PostgreSQL orders")
+    if outcomes["released"]:
+        actions.append(f"released {len(outcomes['released'])} active holds on seats of those orders")
+    if outcomes["mismatch"]:
+        actions.append(
+            "left holds whose customer, items or zones are not their PostgreSQL order's: "
+            + ", ".join(outcomes["mismatch"][:EXAMPLES])
+        )
+    if outcomes["busy"]:
+        actions.append(f"gave up confirming {len(outcomes['busy'])} holds again: they kept changing")
+    return actions
+
+
+async def _restore_confirm(
+    client: aioredis.Redis, inventory: Inventory, event_id: str, hold_id: str, order: dict
+) -> tuple[str, set[str]]:
+    """Make the hold's record what confirm.lua makes of it with ``order`` (``db.get_order``'s shape), in one
+    MULTI under WATCH of the record and the owner hashes of the order's seats.
+
+    The record: ``confirmed`` with the order's id, payment_ref and confirmed_at_ms (ended then too), kept
+    ``hold_retention_seconds`` from now (a client retrying the confirm after the outage gets the order), out
+    of the expiry set; the order pointer (the one of a second order the record named is deleted: that order
+    is not the hold's); the seats sold to the order; the tickets moved to ``sold`` from where the record's
+    status counts them (an ended hold gave its tickets back to ``available`` and its customer's count: both
+    are taken again). Another active hold on one of the seats is released first (the release script).
+
+    Returns (outcome, holds released): outcome ``restored``, ``gone`` (no record, or confirmed with the
+    order meanwhile), ``mismatch`` (the record's customer or items are not the order's, or a zone is missing
+    from Redis: left for a person, the re-check reports it) or ``busy`` (``REPAIR_ATTEMPTS`` WatchErrors).
+    """
+    hkey, order_id = keys.hold(event_id, hold_id), order["order_id"]
+    stock = _stock(order["items"])
+    seats = [(z, seat) for z, (_, labels) in stock.items() for seat in labels]
+    retention = inventory.settings.hold_retention_seconds
+    released: set[str] = set()
+    for attempt in range(REPAIR_ATTEMPTS):
+        async with client.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(hkey, *sorted({keys.owners(event_id, z) for z, _ in seats}))
+                status, items, customer_id, other = (_s(v) for v in await pipe.hmget(hkey, *_RESTORE_FIELDS))
+                if status is None or _confirmed_with({"status": status, "order_id": other}, order_id):
+                    return "gone", released
+                zones_there = [await pipe.exists(keys.zone(event_id, z)) for z in stock]
+                if (
+                    customer_id != order["customer_id"]
+                    or _stock(orjson.loads(items)) != stock
+                    or not all(zones_there)
+                ):
+                    return "mismatch", released
+                owners = [_s(await pipe.hget(keys.owners(event_id, z), seat)) for z, seat in seats]
+                others = {
+                    o[2:] for o in owners if o and o.startswith("h:") and o != f"h:{hold_id}"
+                } - released
+                if others:
+                    # A hold on a seat the order bought (taken after this hold ended in Redis): it must not
+                    # keep it, nor confirm it into a second sale of the seat. Released once: a hold that is
+                    # not active keeps its mark (a stale one), which the MULTI below overwrites.
+                    await pipe.unwatch()
+                    for other_hold in sorted(others):
+                        await _release_quietly(inventory, event_id, other_hold)
+                    released |= others
+                    continue
+                pipe.multi()
+                _queue_confirm(pipe, event_id, hold_id, order, retention, seats)
+                if other and other != order_id:
+                    pipe.delete(keys.order(event_id, other))
+                source = _STOCK_SOURCE.get(status)  # None when confirmed with another order: already sold
+                if source:
+                    for z, (n, _) in stock.items():
+                        pipe.hincrby(keys.zone(event_id, z), source, -n)
+                        pipe.hincrby(keys.zone(event_id, z), "sold", n)
+                if source == "available":
+                    pipe.hincrby(keys.customers(event_id), customer_id, sum(n for n, _ in stock.values()))
+                await pipe.execute()
+                return "restored", released
+            except WatchError:
+                await asyncio.sleep(0.01 * attempt)
+    return "busy", released
+
+
+def _queue_confirm(pipe, event_id: str, hold_id: str, order: dict, retention: int, seats) -> None:
+    """Queue confirm.lua's writes of a confirm with ``order`` (but the counters and the outbox entry)."""
+    hkey, order_id, at_ms = keys.hold(event_id, hold_id), order["order_id"], order["confirmed_at_ms"]
+    fields = {"status": "confirmed", "order_id": order_id, "confirmed_at_ms": at_ms, "ended_at_ms": at_ms}
+    if order["payment_ref"] is None:
+        pipe.hdel(hkey, "payment_ref")
+    else:
+        fields["payment_ref"] = order["payment_ref"]
+    pipe.hset(hkey, mapping=fields)
+    pipe.expire(hkey, retention)
+    pipe.zrem(keys.expiry(event_id), hold_id)
+    pipe.set(keys.order(event_id, order_id), hold_id, ex=retention)
+    for z, seat in seats:
+        pipe.hset(keys.owners(event_id, z), seat, f"s:{order_id}")
+
+
+async def _release_quietly(inventory: Inventory, event_id: str, hold_id: str) -> None:
+    try:
+        await inventory.release(event_id, hold_id)
+    except DomainError as err:  # confirmed or gone meanwhile: the counter step sorts the seat out
+        log.warning("repair of %s: hold %s could not be released: %s", event_id, hold_id, err.code)
 
 
 async def _fix_holds(
@@ -1073,6 +1278,8 @@ async def _repair(
     if report.outbox and (report.outbox.length or findings.lost_orders):
         written, dead = await redrive_outbox(client, pg, event_id, settings)
         actions.append(f"re-drove the outbox: {written} orders written, {dead} dead-lettered")
+    if findings.lost_confirms:
+        actions += await _restore_lost_confirms(client, pg, inventory, event_id, findings)
     actions += await _fix_holds(client, inventory, event_id, findings)
     meta_zones = _s(await client.hget(keys.meta(event_id), "zones"))
     actions += await _restore_counters(client, pg, event_id, orjson.loads(meta_zones) if meta_zones else [])
