@@ -24,6 +24,14 @@ What is compared, per event (figures in tickets unless named otherwise):
   sale for it. A payload that is not a confirm script's order (malformed) keeps nothing. Deleting the row
   while the order's hold record lives (``hold_retention_seconds``) makes it ``order_missing_in_pg``: a repair
   then re-queues it (a retry, e.g. once ``zones.sold`` is right again).
+* ``hold_confirmed_in_pg_not_redis``: a hold record (any status) whose hold has an order in PostgreSQL
+  (``orders.hold_id``) while the record is not ``confirmed`` with that order: a confirm Redis lost (it came
+  back from a snapshot older than the confirm, which had been written through). The record is then active
+  (its tickets counted held and sold; a retried confirm makes a second order PostgreSQL refuses), released
+  or expired (the retry answers 409), or confirmed with a second order (a retry before the repair; that
+  order is dead-lettered: one order per hold). PostgreSQL alone can know such an order: confirm.lua writes
+  the record and the outbox entry in one script, so a snapshot has both or neither. Read after the
+  records, so a hold confirmed meanwhile is seen confirmed by the re-check.
 * ``event_missing_in_redis`` (run ``boxoffice rebuild``), ``event_missing_in_pg``, ``zone_missing_in_*``.
 
 A live comparison of two stores is made consistent like this. One MULTI reads the zone hashes, owner
@@ -44,9 +52,18 @@ was on sale and nothing that risks an oversell is left:
    hold record) is appended to the outbox in the confirm script's entry format (field ``order``);
 3. re-drive: every outbox entry goes through ``workers.outbox.write_batch`` (idempotent), then XACK + XDEL
    in one MULTI, as the worker does;
-4. holds: orphan expiry members are removed (ZREM, what ``end_hold`` does first), active holds missing from
+4. holds: lost confirms (``hold_confirmed_in_pg_not_redis``) are made again with the PostgreSQL order, in
+   one MULTI per hold under WATCH of its record and its seats' owner hashes: what confirm.lua writes
+   (status ``confirmed``, ``order_id``, ``payment_ref``, ``confirmed_at_ms`` and ``ended_at_ms`` from the
+   order; the record and the order pointer kept ``hold_retention_seconds`` from now; out of the expiry
+   set; seats ``s:O``) and the tickets moved to ``sold`` from ``held`` (an active record) or ``available``
+   (an ended one, whose customer's count is taken back too); a second order's pointer is deleted. Another
+   active hold on one of its seats is released first; a record whose customer or items are not the
+   order's is left (still reported). A retried confirm then answers the existing order. Then orphan
+   expiry members are removed (ZREM, what ``end_hold`` does first), active holds missing from
    the expiry set are put back in it (then ``Inventory.reap`` gives back those already due), active holds
-   on a seat PostgreSQL sold are released (``Inventory.release``: the release script's rules);
+   on a seat PostgreSQL sold (to another hold's order) are released (``Inventory.release``: the release
+   script's rules);
 5. Redis counters and seat owners are set from the record, in one MULTI under WATCH of the event's
    expiry set, outbox, zone and owner keys (retried if a confirm, release or write-through lands
    meanwhile): ``sold`` = PostgreSQL items + in-flight + dead-lettered (orders PostgreSQL lacks),
