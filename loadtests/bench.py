@@ -19,8 +19,10 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
 * write-through lag p50/p99 from ``orders.persisted_at - confirmed_at`` of the confirmed orders;
 * the audit (``loadtests.audit.audit_event``) of every event the bench sold, with wrk's 201 bodies as acks.
 
-Every event is new (``bench-...``), so one run never reaps another's holds; the holds of a holds run expire
-and are reaped right after it, outside the timing. The worker's reconciliation cron job is set to once an
+Every event is new (``bench-...``), so one run never reaps another's holds. The holds of a holds run (TTL: the
+run's duration + 1 s) expire and are reaped after it, outside the timing: the bench waits until the last of them
+has expired (the highest score of the event's expiry set, on Redis's clock), reaps them and checks that none is
+left before the next load run starts. The worker's reconciliation cron job is set to once an
 hour so it does not land inside a load run. CPU time per request of each process group (API, Redis, worker,
 PostgreSQL backends, wrk) is read from /proc around each run. Tools are named in the
 output next to each figure; the report starts with the machine (CPU, versions) and a Python speed gauge.
@@ -451,15 +453,44 @@ def release_holds(settings: Settings, event_id: str, hold_ids: list[str]) -> int
     return asyncio.run(_with_inventory(settings, go))
 
 
-def reap_after(settings: Settings, event_id: str, seconds: float) -> int:
-    """Sleep ``seconds`` (until the run's holds expired), then reap them all, so the next load run does not
-    pay for reaping them (not timed). Returns how many were reaped here (the worker's sweeper may reap some)."""
-    time.sleep(max(0.0, seconds))
+def seconds_until_expired(last_expiry_ms: float, now_ms: float, margin_seconds: float = 0.05) -> float:
+    """Seconds to wait from ``now_ms`` (Redis's clock) until a hold expiring at ``last_expiry_ms`` has expired,
+    plus ``margin_seconds``; 0 if it already has."""
+    return max(0.0, (last_expiry_ms - now_ms) / 1000 + margin_seconds)
+
+
+def expire_and_reap(settings: Settings, event_id: str, timeout_seconds: float) -> dict[str, Any]:
+    """Wait until the LAST active hold of the event has expired (the highest score of its expiry set, against
+    Redis's clock), reap them all, and check that the expiry set is empty, so the next load run neither reaps
+    them (the worker's sweeper) nor pays for them (not timed). Returns ``{"waited_seconds", "reaped"}``
+    (reaped here; the sweeper reaps the rest meanwhile). Raises RuntimeError if active holds are left after
+    ``timeout_seconds``."""
+    from service import keys
+
+    client = redis.Redis.from_url(settings.redis_url)
+    key = keys.expiry(event_id)
+    started = time.monotonic()
+    reaped = 0
 
     async def go(inv):
         return await inv.reap(event_id)
 
-    return asyncio.run(_with_inventory(settings, go))
+    try:
+        while True:
+            last = client.zrange(key, -1, -1, withscores=True)
+            if not last:
+                return {"waited_seconds": time.monotonic() - started, "reaped": reaped}
+            sec, usec = client.time()
+            wait = seconds_until_expired(last[0][1], sec * 1000 + usec / 1000)
+            if time.monotonic() - started + wait > timeout_seconds:
+                raise RuntimeError(
+                    f"{client.zcard(key)} active holds of {event_id} left; the last expires in {wait:.1f} s, "
+                    f"past the {timeout_seconds:g} s allowed: the next load run would reap them"
+                )
+            time.sleep(wait)
+            reaped += asyncio.run(_with_inventory(settings, go))
+    finally:
+        client.close()
 
 
 def drain_outbox(settings: Settings, event_id: str, timeout_seconds: float = 120.0) -> int:
@@ -590,7 +621,8 @@ def measure_mode(
     measures: list[Measure] = []
     sold: dict[str, Path | None] = {}
     confirm_events: list[str] = []
-    hold_ttl = int(duration_seconds) + 1  # expired and reaped right after the run (see reap_after)
+    hold_ttl = int(duration_seconds) + 1  # outlives the run; expired and reaped after it (expire_and_reap)
+    expiries: list[dict[str, Any]] = []
     tag = uuid.uuid4().hex[:6]
     redis_pid = int(redis.Redis.from_url(settings.redis_url).info("server")["process_id"])
     database = settings.database_url.rpartition("/")[2]
@@ -615,7 +647,7 @@ def measure_mode(
             route="holds",
             auto_pipeline=auto_pipeline,
         )
-        reap_after(settings, warm, 1.5)
+        expire_and_reap(settings, warm, timeout_seconds=30)
         last_hold_rps = 5000.0
         for c in clients:
 
@@ -646,7 +678,13 @@ def measure_mode(
             last_hold_rps = run(
                 "holds", [f"/v1/events/{holds_event}/holds", str(hold_ttl), f"{mode}{c}{tag}"]
             ).ok_rps
-            reap_after(settings, holds_event, hold_ttl - duration_seconds + 0.5)
+            # every hold of the run expires and is reaped here, before the confirm run, not inside it
+            x = expire_and_reap(settings, holds_event, timeout_seconds=hold_ttl + 30)
+            expiries.append({"event_id": holds_event, **x})
+            log(
+                f"  holds of the run expired and reaped in {x['waited_seconds']:.1f} s after it ({x['reaped']} "
+                "by the bench, the rest by the worker's sweeper): 0 active before the next run"
+            )
             n = min(150_000, max(2000, int(last_hold_rps * duration_seconds * 1.5) + 1000))
             hold_ids = make_holds(settings, confirm_event, n, ttl_seconds=600)
             ids_file = workdir / f"holds-{confirm_event}.txt"
@@ -668,7 +706,7 @@ def measure_mode(
             run("availability", [f"/v1/events/{read_event}/availability"])
             run("seats", [f"/v1/events/{read_event}/zones/s/seats?limit=100"])
         audits, lag = audit_and_lag(settings, sold, confirm_events, expiry_timeout_seconds=hold_ttl + 5)
-        return {"measures": measures, "audits": audits, "lag": lag}
+        return {"measures": measures, "audits": audits, "lag": lag, "holds_expiry": expiries}
     finally:
         stop_process(worker)
         stop_process(api)
@@ -1007,6 +1045,7 @@ def _run(
     all_measures: list[list[Measure]] = []
     all_ceilings: list[list[Measure]] = []
     audits: list[dict] = []
+    expiries: list[dict] = []
     lags: dict[str, list[dict]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="boxoffice-bench-"))
     started = time.monotonic()
@@ -1047,6 +1086,7 @@ def _run(
                     )
                     run_measures.extend(res["measures"])
                     audits.extend(res["audits"])
+                    expiries.extend(res["holds_expiry"])
                     lags.setdefault("on" if mode else "off", []).append(res["lag"])
                     log(
                         f"  write-through lag p50 {res['lag']['p50_ms']:.0f} ms, p99 {res['lag']['p99_ms']:.0f} ms "
@@ -1062,6 +1102,7 @@ def _run(
     report["ceilings"] = [asdict(m) for m in ceilings]
     report["lag"] = lags
     report["audits"] = audits
+    report["holds_expiry"] = expiries
     report["summary"] = summarize(measures, ceilings, lags, audits, clients, runs=all_measures)
     report["elapsed_seconds"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_at_end"] = os.getloadavg()

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-import pytest
+import time
+import uuid
 
-from loadtests.bench import Measure, _median_measures, python_gauge_us, render, summarize
+import pytest
+import redis
+
+from loadtests.bench import (
+    Measure,
+    _median_measures,
+    expire_and_reap,
+    load_ceiling_event,
+    make_holds,
+    python_gauge_us,
+    render,
+    seconds_until_expired,
+    summarize,
+)
+from loadtests.local import throwaway_redis
+from service.settings import Settings
 
 
 def _m(route: str, clients: int, ok_rps: float, auto_pipeline: bool = True) -> Measure:
@@ -86,3 +102,39 @@ def test_the_report_prints_the_ratio_of_each_run(capsys):
 def test_the_python_gauge_is_in_microseconds():
     # microseconds: a thousand additions take more than 0.5 us and less than 10 ms on any machine that runs this
     assert 0.5 < python_gauge_us(repeat=1, number=10) < 10_000
+
+
+def test_the_wait_after_a_holds_run_lasts_until_its_last_hold_has_expired():
+    assert seconds_until_expired(10_000, 6_000, margin_seconds=0.05) == pytest.approx(4.05)
+    assert seconds_until_expired(10_000, 12_000) == 0.0
+
+
+def test_every_hold_of_a_holds_run_is_expired_and_reaped_before_the_next_run():
+    # A holds run of 2 s with TTL 3 s: its first holds expire 3 s after it starts, its last 3 s after it ends.
+    # The old wait (TTL - duration + 0.5 s after the run) reaped only the first ones.
+    from service import keys
+
+    with throwaway_redis() as url:
+        settings = Settings(redis_url=url, database_url=None)
+        event_id = f"bench-t-{uuid.uuid4().hex[:6]}"
+        load_ceiling_event(settings, event_id)
+        make_holds(settings, event_id, 20, ttl_seconds=1)  # the run's first holds
+        time.sleep(1.0)
+        make_holds(settings, event_id, 30, ttl_seconds=2)  # its last holds, made 1 s later
+        started = time.monotonic()
+        x = expire_and_reap(settings, event_id, timeout_seconds=10)
+        waited = time.monotonic() - started
+        client = redis.Redis.from_url(url)
+        assert client.zcard(keys.expiry(event_id)) == 0
+        assert x["reaped"] == 50  # no worker here: the bench reaped them all
+        assert waited >= 1.9  # until the last hold expired, not the first
+
+
+def test_holds_left_past_the_timeout_fail_loudly():
+    with throwaway_redis() as url:
+        settings = Settings(redis_url=url, database_url=None)
+        event_id = f"bench-t-{uuid.uuid4().hex[:6]}"
+        load_ceiling_event(settings, event_id)
+        make_holds(settings, event_id, 5, ttl_seconds=60)
+        with pytest.raises(RuntimeError, match="5 active holds"):
+            expire_and_reap(settings, event_id, timeout_seconds=1)
