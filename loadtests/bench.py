@@ -818,7 +818,11 @@ def summarize(
     """Saturation figures and targets per auto-pipeline mode; ``runs`` (each run's own measures) adds the
     per-run holds/healthz ratios at the holds' best concurrency."""
     script_ceiling_rps = max((m.rps for m in ceilings), default=0.0)
-    out: dict[str, Any] = {"script_ceiling_rps": script_ceiling_rps, "modes": {}}
+    out: dict[str, Any] = {
+        "script_ceiling_rps": script_ceiling_rps,
+        "holds_p99_at_clients": min(clients),
+        "modes": {},
+    }
     for mode in (True, False):
         ms = [m for m in measures if m.auto_pipeline is mode]
         if not ms:
@@ -828,7 +832,7 @@ def summarize(
             return max((m for m in ms if m.route == route), key=lambda m: m.ok_rps, default=None)
 
         holds, confirms, healthz = best("holds"), best("confirm"), best("healthz")
-        at100 = next((m for m in ms if m.route == "holds" and m.clients == min(clients)), None)
+        at_min = next((m for m in ms if m.route == "holds" and m.clients == min(clients)), None)
         lag = lags.get("on" if mode else "off", [])
         out["modes"]["on" if mode else "off"] = {
             "holds_per_second": holds.ok_rps if holds else 0,
@@ -836,12 +840,14 @@ def summarize(
             "confirms_per_second": confirms.ok_rps if confirms else 0,
             "confirms_at_clients": confirms.clients if confirms else 0,
             "healthz_per_second": healthz.ok_rps if healthz else 0,
+            "healthz_at_clients": healthz.clients if healthz else 0,
             "holds_vs_healthz": (holds.ok_rps / healthz.ok_rps)
             if holds and healthz and healthz.ok_rps
             else 0,
             "holds_vs_healthz_per_run": ratios_per_run(runs or [], mode, holds.clients) if holds else [],
             "holds_vs_script": (holds.ok_rps / script_ceiling_rps) if holds and script_ceiling_rps else 0,
-            "holds_p99_ms_at_min_clients": at100.p99_ms if at100 else 0,
+            "holds_p99_ms_at_min_clients": at_min.p99_ms if at_min else 0,
+            # the CPU pair is taken at the ratio's two concurrencies: holds_at_clients, healthz_at_clients
             "holds_cpu_us": sum(holds.cpu_us_per_request.values()) if holds else 0,
             "healthz_cpu_us": sum(healthz.cpu_us_per_request.values()) if healthz else 0,
             "lag_p50_ms": statistics.median(x["p50_ms"] for x in lag) if lag else 0,
@@ -931,33 +937,34 @@ def render(report: dict[str, Any]) -> None:
         "holds/healthz",
         "per run",
         "holds/script",
-        "holds p99 @100",
+        f"holds p99 @{s['holds_p99_at_clients']}",
         "CPU us: hold / healthz",
         "lag p50 ms",
         "lag p99 ms",
     ):
-        st.add_column(col, justify="right", no_wrap=col == "per run")
+        st.add_column(col, justify="right", no_wrap=col in ("per run", "CPU us: hold / healthz"))
     for mode, v in s["modes"].items():
         st.add_row(
             mode,
             f"{v['holds_per_second']:.0f} @{v['holds_at_clients']}",
             f"{v['confirms_per_second']:.0f} @{v['confirms_at_clients']}",
-            f"{v['healthz_per_second']:.0f}",
+            f"{v['healthz_per_second']:.0f} @{v['healthz_at_clients']}",
             f"{v['holds_vs_healthz']:.0%}",
             "/".join(f"{r * 100:.0f}" for r in v.get("holds_vs_healthz_per_run", [])) + " %"
             if v.get("holds_vs_healthz_per_run")
             else "-",
             f"{v['holds_vs_script']:.0%}",
             f"{v['holds_p99_ms_at_min_clients']:.1f} ms",
-            f"{v['holds_cpu_us']:.0f} / {v['healthz_cpu_us']:.0f}",
+            f"{v['holds_cpu_us']:.0f} @{v['holds_at_clients']} / {v['healthz_cpu_us']:.0f} @{v['healthz_at_clients']}",
             f"{v['lag_p50_ms']:.0f}",
             f"{v['lag_p99_ms']:.0f}",
         )
     console.print(st)
     console.print(
-        "holds/healthz: the median holds/s at its best concurrency over the median /healthz/s at its best; "
-        "per run: holds/s over /healthz/s within each run, both at the holds' best concurrency (the two load "
-        "runs back to back). On a shared VM their spread shows how far one run's ratio can move."
+        "holds/healthz: the median holds/s at its best concurrency over the median /healthz/s at its best (each "
+        "@ the concurrency shown, which may differ); CPU us: hold / healthz: CPU per request at those same two "
+        "concurrencies; per run: holds/s over /healthz/s within each run, both at the holds' best concurrency "
+        "(the two load runs back to back). On a shared VM their spread shows how far one run's ratio can move."
     )
     console.print(
         f"raw hold script ceiling (redis-benchmark EVALSHA, best of pipelined/unpipelined): "

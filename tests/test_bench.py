@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -23,7 +24,9 @@ from loadtests.local import throwaway_redis
 from service.settings import Settings
 
 
-def _m(route: str, clients: int, ok_rps: float, auto_pipeline: bool = True) -> Measure:
+def _m(
+    route: str, clients: int, ok_rps: float, auto_pipeline: bool = True, cpu: dict[str, float] | None = None
+) -> Measure:
     return Measure(
         tool="wrk",
         route=route,
@@ -37,7 +40,7 @@ def _m(route: str, clients: int, ok_rps: float, auto_pipeline: bool = True) -> M
         p95_ms=2.0,
         p99_ms=3.0,
         max_ms=4.0,
-        cpu_us_per_request={"api": 50.0, "wrk": 20.0},
+        cpu_us_per_request=cpu or {"api": 50.0, "wrk": 20.0},
     )
 
 
@@ -97,6 +100,49 @@ def test_the_report_prints_the_ratio_of_each_run(capsys):
     out = capsys.readouterr().out
     assert "60/70 %" in out
     assert "sum(range(1000)) in 27.2 us" in out
+
+
+def _report(runs: list[list[Measure]], clients: list[int]) -> dict:
+    measures = _median_measures(runs)
+    return {
+        "date": "2026-12-02T13:00:00+00:00",
+        "machine": {
+            "nproc": "2",
+            "cpu": "test",
+            "python": "3",
+            "wrk": "wrk",
+            "loadavg_at_start": (0.0, 0.0, 0.0),
+        },
+        "runs": len(runs),
+        "duration_seconds": 5.0,
+        "measures": [vars(m) for m in measures],
+        "ceilings": [],
+        "audits": [],
+        "summary": summarize(measures, [], {}, [], clients, runs=runs),
+    }
+
+
+def test_the_summary_says_at_which_concurrency_each_figure_of_the_ratio_and_cpu_pair_was_taken(capsys):
+    # holds are best at 1,000 clients, /healthz at 50: the ratio and the CPU pair use exactly those two
+    runs = [
+        [
+            _m("healthz", 50, 20_000, cpu={"api": 60.0, "wrk": 15.0}),
+            _m("holds", 50, 8_000, cpu={"api": 90.0, "wrk": 20.0}),
+            _m("healthz", 1000, 18_000, cpu={"api": 70.0, "wrk": 17.0}),
+            _m("holds", 1000, 9_000, cpu={"api": 100.0, "wrk": 21.0}),
+        ]
+    ]
+    report = _report(runs, [50, 1000])
+    on = report["summary"]["modes"]["on"]
+    assert (on["holds_at_clients"], on["healthz_at_clients"]) == (1000, 50)
+    assert (on["holds_cpu_us"], on["healthz_cpu_us"]) == (121, 75)
+    render(report)
+    out = capsys.readouterr().out
+    assert "121 @1000 / 75 @50" in out
+    assert "20000 @50" in out  # /healthz/s
+    assert report["summary"]["holds_p99_at_clients"] == 50
+    # the header cell "holds p99 @50", wrapped by the table; nothing says @100
+    assert "@50 ┃" in out and not re.search(r"@100\b", out)
 
 
 def test_the_python_gauge_is_in_microseconds():
