@@ -175,7 +175,8 @@ class Measure:
     route: str
     auto_pipeline: bool | None
     clients: int
-    requests: int
+    requests: int | float
+    """Responses in the run; over runs, like ``statuses`` and ``errors``, the median (x.5 between two runs)."""
     seconds: float
     rps: float
     """All responses per second."""
@@ -185,10 +186,17 @@ class Measure:
     p95_ms: float
     p99_ms: float
     max_ms: float
-    statuses: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int | float] = field(default_factory=dict)
+    errors: dict[str, int | float] = field(default_factory=dict)
     cpu_us_per_request: dict[str, float] = field(default_factory=dict)
     """CPU time (user + system) per request by process group: api, redis, worker, postgres, wrk."""
+    cpu_us_total: float | None = None
+    """CPU time per request of all the groups: in one run, their sum (the default); over runs, the median of
+    each run's sum (not the sum of the per-group medians)."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_us_total is None:
+            self.cpu_us_total = sum(self.cpu_us_per_request.values())
 
 
 # CPU accounting from /proc (Linux) ----------------------------------------------------------------------
@@ -752,8 +760,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _median(values: list[float]) -> float:
+    """The median; a whole number as an int (counts stay counts when the median falls on one)."""
+    med = statistics.median(values)
+    return int(med) if float(med).is_integer() else med
+
+
+def _median_counts(counts: list[dict[str, int]]) -> dict[str, float]:
+    """Per key, the median over the runs (a run without the key counted 0); zero medians left out."""
+    keys = sorted({k for c in counts for k in c})
+    med = {k: _median([c.get(k, 0) for c in counts]) for k in keys}
+    return {k: v for k, v in med.items() if v}
+
+
 def _median_measures(runs: list[list[Measure]]) -> list[Measure]:
-    """Per (tool, route, mode, clients): the median of each figure over the runs."""
+    """Per (tool, route, mode, clients): the median of each figure over the runs, counts (requests, statuses,
+    errors) included; the CPU total is the median of each run's total."""
     groups: dict[tuple, list[Measure]] = {}
     for ms in runs:
         for m in ms:
@@ -764,27 +786,19 @@ def _median_measures(runs: list[list[Measure]]) -> list[Measure]:
             k: statistics.median(getattr(m, k) for m in ms)
             for k in ("seconds", "rps", "ok_rps", "p50_ms", "p95_ms", "p99_ms", "max_ms")
         }
-        statuses: dict[str, int] = {}
-        errors: dict[str, int] = {}
-        for m in ms:
-            for k, v in m.statuses.items():
-                statuses[k] = statuses.get(k, 0) + v
-            for k, v in m.errors.items():
-                errors[k] = errors.get(k, 0) + v
-        cpu = {
-            k: statistics.median(m.cpu_us_per_request.get(k, 0.0) for m in ms)
-            for k in ms[0].cpu_us_per_request
-        }
+        groups_seen = list(dict.fromkeys(k for m in ms for k in m.cpu_us_per_request))
+        cpu = {k: statistics.median(m.cpu_us_per_request.get(k, 0.0) for m in ms) for k in groups_seen}
         out.append(
             Measure(
                 tool=ms[0].tool,
                 route=ms[0].route,
                 auto_pipeline=ms[0].auto_pipeline,
                 clients=ms[0].clients,
-                requests=sum(m.requests for m in ms),
-                statuses=statuses,
-                errors=errors,
+                requests=_median([m.requests for m in ms]),
+                statuses=_median_counts([m.statuses for m in ms]),
+                errors=_median_counts([m.errors for m in ms]),
                 cpu_us_per_request=cpu,
+                cpu_us_total=statistics.median(m.cpu_us_total for m in ms) if cpu else None,
                 **med,
             )
         )
@@ -848,8 +862,8 @@ def summarize(
             "holds_vs_script": (holds.ok_rps / script_ceiling_rps) if holds and script_ceiling_rps else 0,
             "holds_p99_ms_at_min_clients": at_min.p99_ms if at_min else 0,
             # the CPU pair is taken at the ratio's two concurrencies: holds_at_clients, healthz_at_clients
-            "holds_cpu_us": sum(holds.cpu_us_per_request.values()) if holds else 0,
-            "healthz_cpu_us": sum(healthz.cpu_us_per_request.values()) if healthz else 0,
+            "holds_cpu_us": holds.cpu_us_total if holds else 0,
+            "healthz_cpu_us": healthz.cpu_us_total if healthz else 0,
             "lag_p50_ms": statistics.median(x["p50_ms"] for x in lag) if lag else 0,
             "lag_p99_ms": statistics.median(x["p99_ms"] for x in lag) if lag else 0,
         }
@@ -869,7 +883,8 @@ def render(report: dict[str, Any]) -> None:
         f"{m['python']}, Redis {m.get('redis', '?')}, PostgreSQL {m.get('postgres', '?')}, {m['wrk']}"
     )
     console.print(
-        f"{report['runs']} run(s), {report['duration_seconds']:g} s per load run, medians shown; "
+        f"{report['runs']} run(s), {report['duration_seconds']:g} s per load run, medians over the runs shown "
+        "(counts too; a CPU total is the median of each run's total); "
         f"load generator on this machine; load average at start "
         f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])}"
     )
@@ -916,7 +931,7 @@ def render(report: dict[str, Any]) -> None:
         ct.add_column(col, justify="left" if col == "route" else "right")
     for x in report["measures"]:
         cpu = x["cpu_us_per_request"]
-        total = sum(cpu.values())
+        total = x["cpu_us_total"]
         ceiling = f"{int(m['nproc']) * 1e6 / total:.0f}" if total else "-"
         ct.add_row(
             x["route"],

@@ -145,6 +145,34 @@ def test_the_summary_says_at_which_concurrency_each_figure_of_the_ratio_and_cpu_
     assert "@50 ┃" in out and not re.search(r"@100\b", out)
 
 
+def test_counts_over_runs_are_medians_like_the_rates_and_the_cpu_total_is_the_median_of_each_runs_total(
+    capsys,
+):
+    runs = []
+    for requests, s409, timeouts, cpu in (
+        (1000, 0, 0, {"api": 100.0, "wrk": 0.0}),  # total 100
+        (3000, 4, 2, {"api": 0.0, "wrk": 100.0}),  # total 100
+        (2000, 2, 0, {"api": 60.0, "wrk": 60.0}),  # total 120
+    ):
+        m = _m("holds", 100, requests / 5, cpu=cpu)
+        m.statuses = {"201": requests - s409, **({"409": s409} if s409 else {})}
+        m.errors = {"timeout": timeouts} if timeouts else {}
+        runs.append([m, _m("healthz", 100, 20_000)])
+    (holds,) = [m for m in _median_measures(runs) if m.route == "holds"]
+    assert holds.requests == 2000  # not 6,000, the sum
+    assert holds.statuses == {"201": 1998, "409": 2}
+    assert holds.errors == {}  # 0, 2, 0 timeouts: median 0
+    assert holds.cpu_us_per_request == {"api": 60.0, "wrk": 60.0}
+    assert holds.cpu_us_total == 100  # the median run's total; the per-group medians add up to 120
+    report = _report(runs, [100])
+    assert report["summary"]["modes"]["on"]["holds_cpu_us"] == 100
+    render(report)
+    out = capsys.readouterr().out
+    holds_cpu_row = next(ln for ln in out.splitlines() if ln.startswith("│ holds") and "wrk" not in ln)
+    assert holds_cpu_row.split("│")[-3].strip() == "100"  # the CPU table's total column
+    assert '{"201": 1998, "409": 2}' in out
+
+
 def test_the_python_gauge_is_in_microseconds():
     # microseconds: a thousand additions take more than 0.5 us and less than 10 ms on any machine that runs this
     assert 0.5 < python_gauge_us(repeat=1, number=10) < 10_000
