@@ -27,6 +27,11 @@ hour so it does not land inside a load run. CPU time per request of each process
 PostgreSQL backends, wrk) is read from /proc around each run. Tools are named in the
 output next to each figure; the report starts with the machine (CPU, versions) and a Python speed gauge.
 ``wrk`` and ``redis-benchmark`` are required (Debian: ``apt-get install -y wrk redis-tools``).
+
+Loopback only: ``DATABASE_URL`` must name a server on this machine (the bench refuses another); the API and
+the worker inherit the caller's environment but bind 127.0.0.1 and lose the settings that could take them
+elsewhere (``CHILD_SETTINGS``, ``DROPPED_SETTINGS``); the report lists the other ``BOXOFFICE_*`` settings
+they inherited that differ from the defaults.
 """
 
 from __future__ import annotations
@@ -64,6 +69,100 @@ GA_CAPACITY = 10_000_000
 SEATS = 2000
 ROUTES = ("healthz", "holds", "confirm", "availability", "seats")
 
+# The children's environment: the bench is loopback-only ---------------------------------------------------
+
+CHILD_SETTINGS = {
+    "BOXOFFICE_HOST": "127.0.0.1",  # the API (and a worker's /metrics, were it on) bind loopback only
+    "BOXOFFICE_LOG_LEVEL": "WARNING",
+    # the worker's reconciliation pass (a cron job) would land inside some load runs: once an hour at most
+    "BOXOFFICE_RECONCILE_INTERVAL_SECONDS": "3600",
+}
+"""Set for ``boxoffice serve`` and ``boxoffice worker`` whatever the caller's environment says; ``measure_mode``
+adds the servers' URLs, the admin token, ``BOXOFFICE_AUTO_PIPELINE`` and ``PROMETHEUS_MULTIPROC_DIR``."""
+DROPPED_SETTINGS = (
+    "BOXOFFICE_QUEUE_REDIS_URL",  # arq's queue on another Redis: off loopback, and not the bench's
+    "BOXOFFICE_WORKER_METRICS_PORT",  # a listening port the bench does not need
+    "BOXOFFICE_REDIS_URL",  # aliases of REDIS_URL, DATABASE_URL, PROMETHEUS_MULTIPROC_DIR, which the bench sets
+    "BOXOFFICE_DATABASE_URL",
+    "BOXOFFICE_METRICS_DIR",
+)
+"""Not passed on to the children (the settings fall back to their defaults)."""
+_SET_PER_MODE = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "BOXOFFICE_ADMIN_TOKEN",
+    "BOXOFFICE_AUTO_PIPELINE",
+)
+"""The names ``measure_mode`` sets per mode (over the caller's)."""
+
+
+def child_env(environ: dict[str, str], overrides: dict[str, str]) -> dict[str, str]:
+    """The caller's environment without ``DROPPED_SETTINGS``, with ``CHILD_SETTINGS`` and ``overrides`` set.
+    Settings names are case-insensitive (pydantic-settings), so every spelling of those names is dropped."""
+    replaced = {k.upper() for k in (*DROPPED_SETTINGS, *CHILD_SETTINGS, *overrides)}
+    return {
+        **{k: v for k, v in environ.items() if k.upper() not in replaced},
+        **CHILD_SETTINGS,
+        **overrides,
+    }
+
+
+def inherited_settings(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The ``BOXOFFICE_*`` settings the children inherit from the caller and that differ from the defaults
+    (they change what is measured: say them in the report), and the dropped ones that were set."""
+    from pydantic import TypeAdapter
+
+    set_here = {k.upper() for k in (*CHILD_SETTINGS, *_SET_PER_MODE)}
+    inherited, dropped = {}, []
+    for key, value in sorted(environ.items()):
+        name = key.upper()
+        if not name.startswith("BOXOFFICE_") or name in set_here:
+            continue
+        if name in DROPPED_SETTINGS:
+            dropped.append(key)
+            continue
+        f = Settings.model_fields.get(name.removeprefix("BOXOFFICE_").lower())
+        try:
+            if f is not None and TypeAdapter(f.annotation).validate_python(value) == f.default:
+                continue
+        except ValueError:  # not even valid: certainly not the default
+            pass
+        inherited[key] = value
+    return inherited, dropped
+
+
+def loopback_database_problem(database_url: str, environ: dict[str, str] | None = None) -> str | None:
+    """Why ``database_url`` is not a PostgreSQL server on this machine (None when it is: a loopback address,
+    ``localhost`` or a Unix socket). libpq takes a host left out of the URL from PGHOST / PGHOSTADDR."""
+    import ipaddress
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    environ = os.environ if environ is None else environ
+    try:
+        params = conninfo_to_dict(database_url)
+    except Exception as exc:  # psycopg.ProgrammingError, for one
+        return f"DATABASE_URL cannot be parsed: {exc}"
+    problems = []
+    for name, env in (("host", "PGHOST"), ("hostaddr", "PGHOSTADDR")):
+        value = str(params.get(name) or environ.get(env) or "")
+        for h in filter(None, (x.strip() for x in value.split(","))):
+            if h.startswith(("/", "@")) or (name == "host" and h.lower() == "localhost"):
+                continue  # a Unix socket (or its abstract namespace), or localhost
+            try:
+                if ipaddress.ip_address(h.strip("[]")).is_loopback:
+                    continue
+            except ValueError:
+                pass
+            problems.append(f"{name} {h}")
+    if problems:
+        return (
+            f"boxoffice bench is loopback-only, and DATABASE_URL names {', '.join(problems)}: give a PostgreSQL "
+            "server on this machine (127.0.0.1, ::1, localhost or a Unix socket)"
+        )
+    return None
+
 
 def boxoffice(*args: str, env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
     """Start ``boxoffice ARGS`` (``python -m service.cli``) in its own process group, output to ``log_path``."""
@@ -85,7 +184,8 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout_seconds: float = 3
         if proc.poll() is not None:
             raise RuntimeError(f"the API exited with {proc.returncode} before it was ready")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+            # trust_env=False: no HTTP(S)_PROXY from the caller sends the bench's requests off loopback
+            if httpx.get(f"{base_url}/readyz", timeout=1, trust_env=False).status_code == 200:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{base_url} not ready after {timeout_seconds:g} s")
@@ -401,6 +501,7 @@ def create_event(base: str, token: str, event_id: str) -> None:
         json=event_body(event_id),
         headers={"Authorization": f"Bearer {token}"},
         timeout=30,
+        trust_env=False,
     )
     if r.status_code != 201:
         raise RuntimeError(f"POST /v1/events: {r.status_code} {r.text[:300]}")
@@ -600,23 +701,22 @@ def measure_mode(
     token = secrets.token_hex(16)
     mode = "on" if auto_pipeline else "off"
     metrics_dir = Path(tempfile.mkdtemp(prefix="boxoffice-bench-metrics-"))
-    env = {
-        **os.environ,
+    per_mode = {
         "REDIS_URL": settings.redis_url,
         "DATABASE_URL": settings.database_url,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "BOXOFFICE_ADMIN_TOKEN": token,
         "BOXOFFICE_AUTO_PIPELINE": str(auto_pipeline).lower(),
-        "BOXOFFICE_LOG_LEVEL": "WARNING",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        # the worker's reconciliation pass (a cron job) would land inside some load runs: once an hour at most
-        "BOXOFFICE_RECONCILE_INTERVAL_SECONDS": "3600",
     }
+    env = child_env(dict(os.environ), per_mode)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     api = boxoffice(
         "serve",
         "--workers",
         "2",
+        "--host",
+        "127.0.0.1",
         "--port",
         str(port),
         "--no-migrate",
@@ -892,6 +992,12 @@ def render(report: dict[str, Any]) -> None:
         console.print(
             f"Python speed gauge: sum(range(1000)) in {m['python_gauge_us']:.1f} us (best of 5, timeit)"
         )
+    inherited = report.get("inherited_settings") or {}
+    console.print(
+        "BOXOFFICE_* settings the API and the worker inherited, differing from the defaults: "
+        + (", ".join(f"{k}={v}" for k, v in inherited.items()) or "none"),
+        markup=False,
+    )
     t = Table(title="Per route (HTTP: wrk, 2 threads; API: boxoffice serve --workers 2)")
     for col in (
         "route",
@@ -1057,12 +1163,25 @@ def _run(
     if not settings.database_url:
         log("boxoffice bench needs DATABASE_URL (a PostgreSQL server where it may create a database)")
         return 2
+    problem = loopback_database_problem(settings.database_url)
+    if problem:
+        log(problem)
+        return 2
+    inherited, dropped = inherited_settings(dict(os.environ))
+    if dropped:
+        log(f"not passed on to the API and the worker (the bench is loopback-only): {', '.join(dropped)}")
+    if inherited:
+        log(
+            "inherited by the API and the worker, differing from the defaults: "
+            + ", ".join(f"{k}={v}" for k, v in inherited.items())
+        )
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {**machine(), "loadavg_at_start": os.getloadavg()},
         "runs": runs,
         "duration_seconds": duration_seconds,
         "clients": clients,
+        "inherited_settings": inherited,
     }
     all_measures: list[list[Measure]] = []
     all_ceilings: list[list[Measure]] = []

@@ -1,7 +1,9 @@
-"""The bench's report arithmetic (no load run here: ``boxoffice bench`` itself is run by hand, see RESULTS.md)."""
+"""The bench's report arithmetic and helpers (no load run here: ``boxoffice bench`` itself is run by hand, see
+RESULTS.md; the expiry wait is tried on a throw-away redis-server)."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -12,8 +14,11 @@ import redis
 from loadtests.bench import (
     Measure,
     _median_measures,
+    child_env,
     expire_and_reap,
+    inherited_settings,
     load_ceiling_event,
+    loopback_database_problem,
     make_holds,
     python_gauge_us,
     render,
@@ -212,3 +217,74 @@ def test_holds_left_past_the_timeout_fail_loudly():
         make_holds(settings, event_id, 5, ttl_seconds=60)
         with pytest.raises(RuntimeError, match="5 active holds"):
             expire_and_reap(settings, event_id, timeout_seconds=1)
+
+
+def test_the_children_bind_and_talk_loopback_only_whatever_the_caller_set():
+    caller = {
+        "PATH": "/usr/bin",
+        "BOXOFFICE_HOST": "0.0.0.0",
+        "boxoffice_host": "0.0.0.0",  # settings names are case-insensitive
+        "BOXOFFICE_QUEUE_REDIS_URL": "redis://queue.example.com:6379/0",
+        "BOXOFFICE_WORKER_METRICS_PORT": "9100",
+        "BOXOFFICE_REDIS_URL": "redis://cache.example.com:6379/0",
+        "REDIS_URL": "redis://cache.example.com:6379/0",
+        "BOXOFFICE_WEB_WORKERS": "4",
+    }
+    env = child_env(caller, {"REDIS_URL": "redis://127.0.0.1:4000/0"})
+    assert env["BOXOFFICE_HOST"] == "127.0.0.1" and "boxoffice_host" not in env
+    assert env["REDIS_URL"] == "redis://127.0.0.1:4000/0"
+    for dropped in ("BOXOFFICE_QUEUE_REDIS_URL", "BOXOFFICE_WORKER_METRICS_PORT", "BOXOFFICE_REDIS_URL"):
+        assert dropped not in env
+    assert env["PATH"] == "/usr/bin" and env["BOXOFFICE_WEB_WORKERS"] == "4"
+    assert "example.com" not in json.dumps(env)
+
+
+def test_the_report_names_the_inherited_settings_that_differ_from_the_defaults():
+    inherited, dropped = inherited_settings(
+        {
+            "BOXOFFICE_WEB_WORKERS": "4",  # differs (default 2)
+            "BOXOFFICE_COALESCE_WRITES": "true",  # the default, spelt as the environment does
+            "BOXOFFICE_REAP_BATCH": "200",  # the default
+            "BOXOFFICE_GC_YOUNG_THRESHOLD": "lots",  # invalid: not the default
+            "BOXOFFICE_NO_SUCH_SETTING": "1",
+            "BOXOFFICE_AUTO_PIPELINE": "false",  # set by the bench per mode
+            "BOXOFFICE_HOST": "0.0.0.0",  # pinned by the bench
+            "BOXOFFICE_QUEUE_REDIS_URL": "redis://queue.example.com/0",
+            "HOME": "/root",
+        }
+    )
+    assert inherited == {
+        "BOXOFFICE_GC_YOUNG_THRESHOLD": "lots",
+        "BOXOFFICE_NO_SUCH_SETTING": "1",
+        "BOXOFFICE_WEB_WORKERS": "4",
+    }
+    assert dropped == ["BOXOFFICE_QUEUE_REDIS_URL"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        "postgresql://postgres@localhost/postgres",
+        "postgresql://postgres@[::1]:5432/postgres",
+        "postgresql:///postgres?host=/var/run/postgresql",
+        "postgresql:///postgres",  # the default Unix socket
+    ],
+)
+def test_a_loopback_database_is_accepted(url):
+    assert loopback_database_problem(url, environ={}) is None
+
+
+@pytest.mark.parametrize(
+    "url, environ",
+    [
+        ("postgresql://postgres@db.example.com:5432/postgres", {}),
+        ("postgresql://postgres@10.0.0.5/postgres", {}),
+        ("postgresql://postgres@127.0.0.1,10.0.0.5/postgres", {}),
+        ("postgresql://postgres@localhost/postgres?hostaddr=10.0.0.5", {}),
+        ("postgresql:///postgres", {"PGHOST": "db.example.com"}),
+    ],
+)
+def test_a_database_off_this_machine_is_refused(url, environ):
+    problem = loopback_database_problem(url, environ=environ)
+    assert problem is not None and "loopback-only" in problem
