@@ -1190,6 +1190,7 @@ def _run(
     lags: dict[str, list[dict]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="boxoffice-bench-"))
     started = time.monotonic()
+    rc: int | None = None
     try:
         with throwaway_redis() as redis_url, throwaway_database(settings.database_url) as database_url:
             bench_settings = settings.model_copy(
@@ -1235,20 +1236,27 @@ def _run(
                         f"{sum(a['violation_count'] for a in res['audits'])} violations in {len(res['audits'])} events"
                     )
                 all_measures.append(run_measures)
+        measures = _median_measures(all_measures)
+        ceilings = _median_measures(all_ceilings)
+        report["measures"] = [asdict(m) for m in measures]
+        report["ceilings"] = [asdict(m) for m in ceilings]
+        report["lag"] = lags
+        report["audits"] = audits
+        report["holds_expiry"] = expiries
+        report["summary"] = summarize(measures, ceilings, lags, audits, clients, runs=all_measures)
+        report["elapsed_seconds"] = round(time.monotonic() - started, 1)
+        report["machine"]["loadavg_at_end"] = os.getloadavg()
+        render(report)
+        log(f"bench took {report['elapsed_seconds']:.0f} s")
+        if json_path:
+            json_path.write_text(json.dumps(report, indent=2))
+        rc = 0 if report["summary"]["audit_violations"] == 0 else 1
+        return rc
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    measures = _median_measures(all_measures)
-    ceilings = _median_measures(all_ceilings)
-    report["measures"] = [asdict(m) for m in measures]
-    report["ceilings"] = [asdict(m) for m in ceilings]
-    report["lag"] = lags
-    report["audits"] = audits
-    report["holds_expiry"] = expiries
-    report["summary"] = summarize(measures, ceilings, lags, audits, clients, runs=all_measures)
-    report["elapsed_seconds"] = round(time.monotonic() - started, 1)
-    report["machine"]["loadavg_at_end"] = os.getloadavg()
-    render(report)
-    log(f"bench took {report['elapsed_seconds']:.0f} s")
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
-    return 0 if report["summary"]["audit_violations"] == 0 else 1
+        if rc == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:  # failed, interrupted or an audit violation: what the children logged is evidence
+            log(
+                "the bench did not pass: its working directory is kept, with the API's and the worker's logs "
+                f"(serve-*.log, worker-*.log), wrk's script and the confirm runs' acks: {workdir}"
+            )

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -288,3 +290,32 @@ def test_a_loopback_database_is_accepted(url):
 def test_a_database_off_this_machine_is_refused(url, environ):
     problem = loopback_database_problem(url, environ=environ)
     assert problem is not None and "loopback-only" in problem
+
+
+def test_a_failed_bench_keeps_its_working_directory_with_the_childrens_logs(monkeypatch):
+    import contextlib
+
+    from loadtests import bench
+
+    @contextlib.contextmanager
+    def redis_that_fails():
+        raise RuntimeError("redis-server did not start")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(bench.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(bench, "machine", lambda: {})
+    monkeypatch.setattr(bench, "throwaway_redis", redis_that_fails)
+    logged: list[str] = []
+    with pytest.raises(RuntimeError, match="did not start"):
+        bench._run(
+            Settings(redis_url=None, database_url="postgresql://postgres@127.0.0.1:5432/postgres"),
+            duration_seconds=1,
+            runs=1,
+            clients=[100],
+            modes=[True],
+            json_path=None,
+            log=logged.append,
+        )
+    kept = [Path(m.rsplit(": ", 1)[1]) for m in logged if "working directory is kept" in m]
+    assert kept and kept[0].is_dir() and kept[0].name.startswith("boxoffice-bench-")
+    shutil.rmtree(kept[0])
