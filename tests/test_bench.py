@@ -106,6 +106,9 @@ def test_the_report_prints_the_ratio_of_each_run(capsys):
     render(report)
     out = capsys.readouterr().out
     assert "60/70 %" in out
+    # persisted_at is the order row's insert time (a clock_timestamp() default), not the commit
+    words = " ".join(out.split())
+    assert "from the confirm to the order row's insert in the write-through transaction" in words
     assert "sum(range(1000)) in 27.2 us" in out
 
 
