@@ -179,6 +179,19 @@ def boxoffice(*args: str, env: dict[str, str], log_path: Path | None = None) -> 
     )
 
 
+def stop_all(procs: list[subprocess.Popen], stop: Any = stop_process) -> None:
+    """Stop each process in turn (``stop_process``). One whose stopping fails or is interrupted does not leave
+    the next ones running: the first error is raised once all were tried."""
+    first: BaseException | None = None
+    for proc in procs:
+        try:
+            stop(proc)
+        except BaseException as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def wait_ready(base_url: str, proc: subprocess.Popen, timeout_seconds: float = 30.0) -> None:
     """Poll ``GET /readyz`` until 200. Raises RuntimeError if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_seconds
@@ -820,9 +833,10 @@ def measure_mode(
         audits, lag = audit_and_lag(settings, sold, confirm_events, expiry_timeout_seconds=hold_ttl + 5)
         return {"measures": measures, "audits": audits, "lag": lag, "holds_expiry": expiries}
     finally:
-        stop_process(worker)
-        stop_process(api)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        try:
+            stop_all([worker, api])
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 # The report ---------------------------------------------------------------------------------------------
@@ -1127,8 +1141,18 @@ def run_cli(
         print(msg, file=sys.stderr, flush=True)
 
     # Ctrl-C or SIGTERM (also when started in the background, where SIGINT is ignored): stop the children and
-    # drop the database on the way out (the finally blocks below).
+    # drop the database on the way out (the finally blocks below). Only the first signal interrupts: another
+    # one raised inside those finally blocks would skip the rest of them (an API left running, a database
+    # left behind), so later ones are only acknowledged (os.write: print is not reentrant).
+    stopping: list[int] = []
+
     def interrupted(signum, frame):
+        if stopping:
+            os.write(
+                2, f"signal {signum} again: still stopping the children and dropping the database\n".encode()
+            )
+            return
+        stopping.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}

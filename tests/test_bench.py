@@ -322,3 +322,40 @@ def test_a_failed_bench_keeps_its_working_directory_with_the_childrens_logs(monk
     kept = [Path(m.rsplit(": ", 1)[1]) for m in logged if "working directory is kept" in m]
     assert kept and kept[0].is_dir() and kept[0].name.startswith("boxoffice-bench-")
     shutil.rmtree(kept[0])
+
+
+def test_stopping_one_child_interrupted_still_stops_the_next():
+    from loadtests.bench import stop_all
+
+    stopped = []
+
+    def stop(name):
+        stopped.append(name)
+        if name == "worker":
+            raise KeyboardInterrupt("signal 15")
+
+    with pytest.raises(KeyboardInterrupt):
+        stop_all(["worker", "api"], stop=stop)
+    assert stopped == ["worker", "api"]
+
+
+def test_a_second_signal_during_the_cleanup_does_not_cut_it_short(monkeypatch):
+    import os
+    import signal
+
+    from loadtests import bench
+
+    cleaned = []
+
+    def run_then_clean_up(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first signal interrupts the run
+            time.sleep(5)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one while the children are being stopped
+            time.sleep(0.05)
+            cleaned.append("api stopped, database dropped")
+
+    monkeypatch.setattr(bench, "_run", run_then_clean_up)
+    assert bench.run_cli(Settings(redis_url=None, database_url=None)) == 130
+    assert cleaned == ["api stopped, database dropped"]
