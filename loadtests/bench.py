@@ -291,7 +291,8 @@ class Measure:
     auto_pipeline: bool | None
     clients: int
     requests: int | float
-    """Responses in the run; over runs, like ``statuses`` and ``errors``, the median (x.5 between two runs)."""
+    """Responses in the run; over runs, like ``statuses``, the median (x.5 between two runs). ``errors`` (socket
+    errors and timeouts) over runs are the total of all runs."""
     seconds: float
     rps: float
     """All responses per second."""
@@ -891,9 +892,19 @@ def _median_counts(counts: list[dict[str, int]]) -> dict[str, float]:
     return {k: v for k, v in med.items() if v}
 
 
+def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Per key, the total over the runs: socket errors of one run are never hidden by a median of 0."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def _median_measures(runs: list[list[Measure]]) -> list[Measure]:
-    """Per (tool, route, mode, clients): the median of each figure over the runs, counts (requests, statuses,
-    errors) included; the CPU total is the median of each run's total."""
+    """Per (tool, route, mode, clients): the median of each figure over the runs, counts (requests, statuses)
+    included, but socket errors, which are the total of all runs; the CPU total is the median of each run's
+    total."""
     groups: dict[tuple, list[Measure]] = {}
     for ms in runs:
         for m in ms:
@@ -914,7 +925,7 @@ def _median_measures(runs: list[list[Measure]]) -> list[Measure]:
                 clients=ms[0].clients,
                 requests=_median([m.requests for m in ms]),
                 statuses=_median_counts([m.statuses for m in ms]),
-                errors=_median_counts([m.errors for m in ms]),
+                errors=_sum_counts([m.errors for m in ms]),
                 cpu_us_per_request=cpu,
                 cpu_us_total=statistics.median(m.cpu_us_total for m in ms) if cpu else None,
                 **med,
@@ -1027,10 +1038,12 @@ def render(report: dict[str, Any]) -> None:
         "p95 ms",
         "p99 ms",
         "statuses",
-        "errors",
+        "errors (all runs)",
         "tool",
     ):
-        t.add_column(col, justify="left" if col in ("route", "statuses", "errors", "tool") else "right")
+        t.add_column(
+            col, justify="left" if col in ("route", "statuses", "errors (all runs)", "tool") else "right"
+        )
     for x in report["measures"] + report["ceilings"]:
         ap = "-" if x["auto_pipeline"] is None else ("on" if x["auto_pipeline"] else "off")
         t.add_row(
