@@ -1,6 +1,7 @@
 """The oversell audit: after a sale, check PostgreSQL, Redis and a load run's acks against each other.
 
-``boxoffice audit --event ID [--acks FILE|DIR] [--drain-timeout S]`` runs it and exits 1 on any violation;
+``boxoffice audit --event ID [--acks FILE|DIR] [--drain-timeout S] [--hold-expiry-timeout S]`` runs it and
+exits 1 on any violation (2: no verdict, see ``run_cli``);
 the Locust scenarios run it at ``test_stop``. It reads, and changes nothing but one thing: it reaps holds
 whose TTL has passed (``Inventory.reap``, the sweeper's own call), so stock of abandoned holds is back.
 
@@ -29,14 +30,17 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from service import keys
 from service.inventory import Inventory
@@ -91,6 +95,8 @@ class AuditReport:
     outbox_backlog: int = 0
     holds_reaped: int = 0
     active_holds: int = 0
+    acks_checked: bool = True
+    """False when the audit was given no acks (``acks=None``): the ``acks`` check was skipped, not passed."""
     write_lag_ms: dict[str, float] = field(default_factory=dict)
     """p50 / p99 / max of orders.persisted_at - confirmed_at, milliseconds."""
     violations: list[Violation] = field(default_factory=list)
@@ -143,6 +149,8 @@ class AuditReport:
             found = by_check.get(name, [])
             result = "[green]ok[/green]" if not found else f"[red]{len(found)} violation(s)[/red]"
             detail = what if not found else "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")
+            if name == "acks" and not found and not self.acks_checked:
+                result, detail = "[yellow]skipped[/yellow]", "no acks given (--acks): no 201 was checked"
             ct.add_row(name, result, detail)
         console.print(ct)
         lag = self.write_lag_ms
@@ -169,6 +177,18 @@ class AckError(ValueError):
 
 
 _ACK_KINDS = {"confirmed", "abandoned", "released", "expired"}
+
+
+def set_aside_stale_acks(acks_dir: Path, event_id: str) -> Path | None:
+    """An event of this id was just created, so ack files of that id are of an earlier sale (a deployment
+    reset since, the same ``--event-id``): rename ``<acks_dir>/<event_id>/`` to ``<event_id>.stale-<time>``
+    so the audit does not check this sale against them. Returns the new path, or None if there was none."""
+    old = acks_dir / event_id
+    if not old.is_dir() or not any(old.glob("*.jsonl")):
+        return None
+    new = acks_dir / f"{event_id}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    old.rename(new)
+    return new
 
 
 def load_acks(path: Path, event_id: str | None = None) -> list[dict]:
@@ -292,20 +312,33 @@ async def _redis_now_ms(redis: aioredis.Redis) -> int:
     return seconds * 1000 + micros // 1000
 
 
+@dataclass
+class HoldsLeft:
+    """What ``_expire_holds`` left: holds reaped, holds still active, seconds waited, and the seconds until
+    the next of the active ones expires (0 if none)."""
+
+    reaped: int
+    active: int
+    waited_seconds: float
+    next_expiry_seconds: float
+
+
 async def _expire_holds(
     redis: aioredis.Redis, inventory: Inventory, event_id: str, timeout_seconds: float
-) -> tuple[int, int]:
-    """Reap until no hold is active or the next expiry lies past the deadline. Returns (reaped, still active)."""
-    deadline = time.monotonic() + timeout_seconds
+) -> HoldsLeft:
+    """Reap until no hold is active or the next expiry lies past the deadline."""
+    started = time.monotonic()
+    deadline = started + timeout_seconds
     reaped = 0
     while True:
         reaped += await inventory.reap(event_id)
         first = await redis.zrange(keys.expiry(event_id), 0, 0, withscores=True)
         if not first:
-            return reaped, 0
+            return HoldsLeft(reaped, 0, time.monotonic() - started, 0.0)
         wait = (first[0][1] - await _redis_now_ms(redis)) / 1000 + 0.01
         if time.monotonic() + max(wait, 0) > deadline:
-            return reaped, await redis.zcard(keys.expiry(event_id))
+            active = await redis.zcard(keys.expiry(event_id))
+            return HoldsLeft(reaped, active, time.monotonic() - started, max(wait, 0.0))
         await asyncio.sleep(min(max(wait, POLL_SECONDS), 1.0))
 
 
@@ -343,6 +376,7 @@ async def audit_event(
     inventory = Inventory(redis, (settings or Settings()).model_copy(update={"auto_pipeline": False}))
     confirms = [a for a in acks or () if a.get("kind", "confirmed") == "confirmed"]
     report.acks = len(confirms)
+    report.acks_checked = acks is not None
 
     if not await inventory.event_exists(event_id):
         report.add("counters", f"event {event_id} is not in Redis")
@@ -350,7 +384,8 @@ async def audit_event(
     expiry_timeout = (
         drain_timeout_seconds if hold_expiry_timeout_seconds is None else hold_expiry_timeout_seconds
     )
-    report.holds_reaped, report.active_holds = await _expire_holds(redis, inventory, event_id, expiry_timeout)
+    left = await _expire_holds(redis, inventory, event_id, expiry_timeout)
+    report.holds_reaped, report.active_holds = left.reaped, left.active
     report.outbox_backlog = await drain(redis, event_id, drain_timeout_seconds)
     if report.outbox_backlog:
         report.add(
@@ -457,8 +492,16 @@ async def audit_event(
                 f"{z}: held {za.redis_held}, available {za.redis_available} != capacity - sold "
                 f"{cap - za.redis_sold}",
             )
-    if report.active_holds:
-        report.add("holds", f"{report.active_holds} holds still active after waiting {expiry_timeout:g} s")
+    if report.active_holds:  # first of its check: it explains the zones' held counts above
+        report.violations.insert(
+            0,
+            Violation(
+                "holds",
+                f"{report.active_holds} holds still active: the next expires in {left.next_expiry_seconds:.1f} s, "
+                f"past the {expiry_timeout:g} s the audit may wait for TTLs (waited {left.waited_seconds:.1f} s; "
+                "--hold-expiry-timeout)",
+            ),
+        )
 
     # Seats: one order per seat in PostgreSQL; Redis owners agree both ways
     for (z, seat), ids in pg_seat_orders.items():
@@ -571,12 +614,17 @@ async def audit_event(
 
 
 def run_cli(
-    settings: Settings, *, event_id: str, acks_file: Path | None, drain_timeout_seconds: float
+    settings: Settings,
+    *,
+    event_id: str,
+    acks_file: Path | None,
+    drain_timeout_seconds: float,
+    hold_expiry_timeout_seconds: float | None = None,
 ) -> int:
     """``boxoffice audit``: print the report; 0 if it passes, 1 on any violation, 2 if the acks can't be read,
     or ``acks_file`` has no ack file of the event at all, or only lines of other events (read from the wrong
     place: nothing would vouch for the run's 201s; a Locust run writes ``<acks-dir>/<event_id>/*.jsonl`` as
-    it starts, lines or not)."""
+    it starts, lines or not), or Redis or PostgreSQL cannot be reached (no verdict)."""
     from rich.console import Console
 
     from service import db
@@ -605,12 +653,26 @@ def run_cli(
         pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
         try:
             return await audit_event(
-                client, pool, event_id, acks, drain_timeout_seconds=drain_timeout_seconds, settings=settings
+                client,
+                pool,
+                event_id,
+                acks,
+                drain_timeout_seconds=drain_timeout_seconds,
+                hold_expiry_timeout_seconds=hold_expiry_timeout_seconds,
+                settings=settings,
             )
         finally:
             await pool.close()
             await client.aclose()
 
-    report = asyncio.run(go())
+    try:
+        report = asyncio.run(go())
+    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        from rich.markup import escape
+
+        console.print(
+            f"[red]no verdict: a store cannot be read ({escape(f'{type(exc).__name__}: {exc}')})[/red]"
+        )
+        return 2
     report.render(console)
     return 0 if report.ok else 1

@@ -154,11 +154,25 @@ def audit(
         help="A load run's acks (JSON lines): a file, or a directory such as Locust's --acks-dir.",
     ),
     drain_timeout: float = typer.Option(30.0, help="Seconds to wait for the write-through to drain."),
+    hold_expiry_timeout: float = typer.Option(
+        None,
+        help="Seconds to wait for the event's active holds to expire (default: --drain-timeout); at least the "
+        "longest hold TTL of the run.",
+    ),
 ) -> None:
-    """Check a sale: no oversell, no seat sold twice, Redis agrees with PostgreSQL, every ack persisted once."""
+    """Check a sale: no oversell, no seat sold twice, Redis agrees with PostgreSQL, every ack persisted once.
+    Exit 0: pass; 1: a violation; 2: no verdict (acks unreadable or missing, a store unreachable)."""
     from loadtests.audit import run_cli
 
-    _exit(run_cli(resolve_settings(), event_id=event, acks_file=acks, drain_timeout_seconds=drain_timeout))
+    _exit(
+        run_cli(
+            resolve_settings(),
+            event_id=event,
+            acks_file=acks,
+            drain_timeout_seconds=drain_timeout,
+            hold_expiry_timeout_seconds=hold_expiry_timeout,
+        )
+    )
 
 
 @app.command()

@@ -7,6 +7,7 @@ PostgreSQL database.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import orjson
@@ -317,3 +318,60 @@ async def test_unknown_event_fails(rclient, pg, private_settings):
         rclient, pg, new_event_id("nope"), [], drain_timeout_seconds=0.1, settings=private_settings
     )
     assert not report.ok
+
+
+async def test_holds_past_the_expiry_timeout_are_named_first_with_the_real_wait(
+    inventory, rclient, pg, private_settings
+):
+    """A run whose holds live longer than the audit may wait (--hold-ttl above the timeout): the first
+    ``holds`` violation says so, with the wait it really did and when the next hold expires, rather than
+    reading as leaked stock behind zone counters."""
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings)
+    await hold(inventory, eid, "late", [{"zone_id": "ga", "quantity": 1}], ttl=60)
+    report = await audit_event(
+        rclient,
+        pg,
+        eid,
+        acks,
+        drain_timeout_seconds=5,
+        hold_expiry_timeout_seconds=1,
+        settings=private_settings,
+    )
+    holds = [v.detail for v in report.violations if v.check == "holds"]
+    assert holds and holds[0].startswith("1 holds still active: the next expires in "), holds
+    waited = float(re.search(r"waited ([0-9.]+) s", holds[0]).group(1))
+    assert waited < 1 and "past the 1 s" in holds[0]  # it did not wait: the next expiry is a minute away
+    assert any("held 1" in d for d in holds[1:])
+
+
+async def test_an_audit_without_acks_says_the_acks_check_was_skipped(
+    inventory, rclient, pg, private_settings, capsys
+):
+    from rich.console import Console
+
+    eid, _ = await small_sale(inventory, rclient, pg, private_settings)
+    report = await audit_event(rclient, pg, eid, None, drain_timeout_seconds=5, settings=private_settings)
+    assert report.ok and not report.acks_checked
+    report.render(Console(width=200))
+    acks_row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.lstrip("│ ").startswith("acks "))
+    assert "skipped" in acks_row and "ok" not in acks_row
+
+
+def test_an_unreachable_store_is_no_verdict(private_settings, capsys):
+    from conftest import free_port
+
+    settings = private_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    assert run_cli(settings, event_id="any", acks_file=None, drain_timeout_seconds=1) == 2
+    assert "no verdict" in capsys.readouterr().out
+
+
+def test_acks_of_an_earlier_sale_of_a_created_event_id_are_moved_aside(tmp_path):
+    from loadtests.audit import set_aside_stale_acks
+
+    assert set_aside_stale_acks(tmp_path, "rehearsal") is None  # nothing there
+    (tmp_path / "rehearsal").mkdir()
+    (tmp_path / "rehearsal" / "host-1.jsonl").write_text('{"kind": "confirmed"}\n')
+    moved = set_aside_stale_acks(tmp_path, "rehearsal")
+    assert moved is not None and moved.name.startswith("rehearsal.stale-")
+    assert (moved / "host-1.jsonl").exists() and not (tmp_path / "rehearsal").exists()
+    assert ack_files(tmp_path, "rehearsal") == []
