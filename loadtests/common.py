@@ -9,6 +9,13 @@ One ``Sale`` per Locust process, set up on ``test_start``:
 * every process that runs users reads the event back (``GET /v1/events/{id}`` and the seat map pages),
   so users know zone ids and seat labels in seat-map order.
 
+Each run (also each one started from the web UI) sets up its sale anew: the event id the UI's form holds is
+used, but the id this process made up for its previous run (which the form may show back) means a new event.
+If the set-up fails (the API refuses the admin token, is down, ...) the run sends no traffic, is not audited,
+stops (headless: Locust quits) and the process exits 1; nothing of an earlier run's sale is reused. When the
+event is created now, acks left in ``<acks dir>/<event_id>/`` by an earlier sale of that id (a deployment
+reset since) are moved aside first.
+
 Acks: each process appends JSON lines to ``<acks dir>/<event_id>/<host>-<pid>.jsonl`` (one line per
 ``201 confirmed``, and one per hold the run abandoned, released or confirmed too late; the shapes are in
 ``loadtests/audit.py``). On ``test_stop`` the local runner, or the master once its workers stopped
@@ -45,6 +52,8 @@ import requests
 from locust import events
 from locust.env import Environment
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
+
+from loadtests.audit import set_aside_stale_acks
 
 log = logging.getLogger("boxoffice.loadtests")
 
@@ -104,8 +113,12 @@ class AckLog:
 
 
 _sale: Sale | None = None
-_cli_event_id = ""
+_generated_event_id = ""
+"""The id this process made up for its last run: the web UI's form may show it back for the next run, which
+then gets a new event rather than the last run's (a different id typed there is used as asked)."""
 _stopped_workers: set[str] = set()
+HOLD_EXPIRY_MARGIN_SECONDS = 10
+"""The audit waits for holds at least ``--hold-ttl`` + this (the run's last holds expire --hold-ttl after it)."""
 
 
 def current_sale() -> Sale | None:
@@ -117,7 +130,10 @@ def add_arguments(parser: Any, *, tickets: int, hold_ttl_seconds: int, demand_ra
     """Register the scenario options (shown in the web UI too)."""
     g = parser  # Locust's parser: options added here are shown in the web UI and sent to workers
     g.add_argument(
-        "--event-id", default="", help="Use this event (created if missing); default: a new one per test."
+        "--event-id",
+        default="",
+        help="Use this event (created if missing); default: a new one per test. Acks of an earlier sale of a "
+        "created id are moved aside.",
     )
     g.add_argument(
         "--sale-tickets",
@@ -147,7 +163,8 @@ def add_arguments(parser: Any, *, tickets: int, hold_ttl_seconds: int, demand_ra
         "--audit-drain-timeout",
         type=float,
         default=30.0,
-        help="Seconds the audit waits for holds to expire and the write-through to drain.",
+        help="Seconds the audit waits for the write-through to drain (and for holds to expire: at least "
+        f"--hold-ttl + {HOLD_EXPIRY_MARGIN_SECONDS} s).",
     )
 
 
@@ -236,8 +253,6 @@ def install(make_body: Any, *, id_prefix: str) -> None:
 
     @events.init.add_listener
     def _init(environment: Environment, **_: Any) -> None:
-        global _cli_event_id
-        _cli_event_id = environment.parsed_options.event_id if environment.parsed_options else ""
         runner = environment.runner
         if isinstance(runner, WorkerRunner):
             runner.register_message("boxoffice_stop", _on_stop_request, concurrent=True)
@@ -248,21 +263,38 @@ def install(make_body: Any, *, id_prefix: str) -> None:
 
     @events.test_start.add_listener
     def _test_start(environment: Environment, **_: Any) -> None:
-        global _sale
+        global _sale, _generated_event_id
         options, runner = environment.parsed_options, environment.runner
         host = environment.host.rstrip("/")
-        if not isinstance(runner, WorkerRunner):
-            event_id = _cli_event_id or f"{id_prefix}-{time.strftime('%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            body = make_body(event_id, options, runner.target_user_count or 1)
-            created = create_event(host, options.admin_token, body)
-            log.info("event %s %s", event_id, "created" if created else "exists; using it")
-            options.event_id = event_id  # sent to workers with each spawn message
-        if isinstance(runner, MasterRunner):
-            _stopped_workers.clear()
-            return
-        if _sale is not None:
+        if _sale is not None:  # the previous run's: none of this run's traffic or acks may go there
             _sale.acks.close()
-        zones = read_zones(host, options.event_id)
+            _sale = None
+        try:
+            if not isinstance(runner, WorkerRunner):
+                requested = options.event_id if options.event_id != _generated_event_id else ""
+                event_id = requested or f"{id_prefix}-{time.strftime('%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                options.event_id = ""  # until the sale is set up: a failed set-up leaves nothing to audit
+                body = make_body(event_id, options, runner.target_user_count or 1)
+                created = create_event(host, options.admin_token, body)
+                if not requested:
+                    _generated_event_id = event_id
+                if created:
+                    moved = set_aside_stale_acks(Path(options.acks_dir), event_id)
+                    if moved is not None:
+                        log.warning(
+                            "event %s is new: acks of an earlier sale of that id moved to %s", event_id, moved
+                        )
+                log.info("event %s %s", event_id, "created" if created else "exists; using it")
+                options.event_id = event_id  # sent to workers with each spawn message
+            if isinstance(runner, MasterRunner):
+                _stopped_workers.clear()
+                return
+            if not options.event_id:
+                raise RuntimeError("no event id from the master")
+            zones = read_zones(host, options.event_id)
+        except Exception as exc:  # RuntimeError from the API's answers, requests' connection errors
+            _fail_setup(environment, exc)
+            return
         _sale = Sale(
             options.event_id, zones, options.hold_ttl, AckLog(Path(options.acks_dir), options.event_id)
         )
@@ -284,7 +316,8 @@ def install(make_body: Any, *, id_prefix: str) -> None:
             return
         acks_dir = Path(options.acks_dir) / options.event_id
         acks_dir.mkdir(parents=True, exist_ok=True)
-        code = run_audit(options.event_id, acks_dir, options.audit_drain_timeout)
+        hold_expiry = max(options.audit_drain_timeout, options.hold_ttl + HOLD_EXPIRY_MARGIN_SECONDS)
+        code = run_audit(options.event_id, acks_dir, options.audit_drain_timeout, hold_expiry)
         if code != 0:
             environment.process_exit_code = 1
             log.error("audit of %s failed (exit %s)", options.event_id, code)
@@ -299,6 +332,19 @@ def install(make_body: Any, *, id_prefix: str) -> None:
         if runner.state in (STATE_RUNNING, STATE_SPAWNING):
             log.info("quitting while the test runs: stopping it first, for the audit")
             runner.stop()
+
+
+def _fail_setup(environment: Environment, exc: Exception) -> None:
+    """The sale could not be set up: say why, make the process exit 1, and stop the run (no users do
+    anything without a sale, and ``test_stop`` audits nothing without an event id). Headless: quit; with
+    the web UI: stop, so another run can be started from it."""
+    runner = environment.runner
+    log.error("setting up the sale failed, so this run sends no traffic and is not audited: %s", exc)
+    environment.process_exit_code = 1
+    if isinstance(runner, WorkerRunner):
+        return  # the master decides; this worker's users stay idle
+    environment.parsed_options.event_id = ""
+    gevent.spawn_later(0, runner.stop if environment.web_ui is not None else runner.quit)
 
 
 def _on_stop_request(environment: Environment, msg: Any, **_: Any) -> None:
@@ -318,7 +364,9 @@ def _stop_workers(runner: MasterRunner) -> None:
         log.warning("workers %s did not confirm they stopped; auditing anyway", expected - _stopped_workers)
 
 
-def run_audit(event_id: str, acks_dir: Path, drain_timeout_seconds: float) -> int:
+def run_audit(
+    event_id: str, acks_dir: Path, drain_timeout_seconds: float, hold_expiry_timeout_seconds: float
+) -> int:
     """Run ``boxoffice audit`` in a child process (asyncio must not block Locust's gevent hub); its exit code."""
     cmd = [
         sys.executable,
@@ -331,6 +379,8 @@ def run_audit(event_id: str, acks_dir: Path, drain_timeout_seconds: float) -> in
         str(acks_dir),
         "--drain-timeout",
         str(drain_timeout_seconds),
+        "--hold-expiry-timeout",
+        str(hold_expiry_timeout_seconds),
     ]
     log.info("auditing: %s", " ".join(cmd))
     return subprocess.run(cmd, check=False).returncode

@@ -141,3 +141,152 @@ def test_flash_sale_run_fails_on_a_planted_oversell(live_api, tmp_path, stopped_
     text = out.decode(errors="replace")
     assert proc.returncode == 1, text[-4000:]
     assert f"FAIL {event_id}" in text.replace("\n", " ")
+
+
+def _wait_for(predicate, timeout_seconds: float, what: str, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out waiting for {what}\n{log_path.read_text(errors='replace')[-4000:]}"
+            )
+        time.sleep(0.1)
+
+
+def test_web_ui_runs_use_the_forms_event_and_a_failed_set_up_reuses_nothing(live_api, tmp_path):
+    """Two runs from the web UI in one Locust process: the first uses the event id typed in the form (before,
+    the form's id was ignored for a generated one); the second cannot set up its sale (a wrong admin token),
+    so it must send no traffic into the first run's sale, not audit it as a PASS, and the process exits 1."""
+    import httpx
+
+    base, env, redis_url = live_api
+    acks_dir = tmp_path / "acks"
+    log_path = tmp_path / "locust.log"
+    web_port = free_port()
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(REPO / "loadtests" / "flash_sale.py"),
+                "--web-host",
+                "127.0.0.1",
+                "--web-port",
+                str(web_port),
+                "--host",
+                base,
+                "--acks-dir",
+                str(acks_dir),
+                "--hold-ttl",
+                "2",
+                "--audit-drain-timeout",
+                "15",
+                "--stop-timeout",
+                "3",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    ui = f"http://127.0.0.1:{web_port}"
+    try:
+
+        def ui_up() -> bool:
+            try:
+                return httpx.get(ui, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(ui_up, 30, "Locust's web UI", log_path)
+        chosen = f"ui-{uuid.uuid4().hex[:10]}"
+        form = {
+            "user_count": "20",
+            "spawn_rate": "20",
+            "host": base,
+            "event_id": chosen,
+            "sale_tickets": "40",
+        }
+        assert httpx.post(f"{ui}/swarm", data=form, timeout=10).json()["success"]
+        r = redis.Redis.from_url(redis_url)
+        _wait_for(lambda: r.exists(keys.meta(chosen)), 30, f"event {chosen}", log_path)
+        time.sleep(3)
+        httpx.post(f"{ui}/stop", timeout=30)
+        _wait_for(lambda: f"PASS {chosen}" in log_path.read_text(errors="replace"), 60, "the audit", log_path)
+        files = sorted((acks_dir / chosen).glob("*.jsonl"))
+        sizes = [f.stat().st_size for f in files]
+        assert files and any(sizes)
+
+        form = {"user_count": "20", "spawn_rate": "20", "host": base, "admin_token": "not-the-token"}
+        httpx.post(f"{ui}/swarm", data=form, timeout=10)
+        _wait_for(
+            lambda: "setting up the sale failed" in log_path.read_text(errors="replace"),
+            30,
+            "the refusal",
+            log_path,
+        )
+        time.sleep(3)
+        assert [f.stat().st_size for f in files] == sizes  # nothing written into the first run's sale
+        assert log_path.read_text(errors="replace").count(f"PASS {chosen}") == 1  # not audited again
+        proc.terminate()
+        assert proc.wait(60) == 1, log_path.read_text(errors="replace")[-4000:]
+    finally:
+        stop_process(proc)
+
+
+def test_steady_browse_on_an_existing_seated_only_event(live_api, tmp_path):
+    """--event-id of an event without general admission: every hold asks for seats (before, about half sent a
+    quantity to the seated zone and failed with 422)."""
+    import httpx
+
+    base, env, _ = live_api
+    event_id = f"seated-{uuid.uuid4().hex[:10]}"
+    body = {
+        "event_id": event_id,
+        "name": "Seated only",
+        "starts_at": "2030-05-24T19:00:00Z",
+        "zones": [{"zone_id": "sec-1", "kind": "seated", "price_cents": 100, "rows": {"A": 50, "B": 50}}],
+    }
+    r = httpx.post(
+        f"{base}/v1/events", json=body, headers={"Authorization": f"Bearer {env['BOXOFFICE_ADMIN_TOKEN']}"}
+    )
+    assert r.status_code == 201, r.text
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(REPO / "loadtests" / "steady_browse.py"),
+            "--headless",
+            "-u",
+            "60",
+            "-r",
+            "60",
+            "-t",
+            "6s",
+            "--host",
+            base,
+            "--event-id",
+            event_id,
+            "--hold-ttl",
+            "2",
+            "--acks-dir",
+            str(tmp_path),
+            "--audit-drain-timeout",
+            "15",
+            "--only-summary",
+            "--stop-timeout",
+            "3",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
+    text = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    assert "validation_failed" not in text and f"PASS {event_id}" in text.replace("\n", " ")
+    assert any(a["kind"] == "confirmed" for a in acks_of(tmp_path, event_id)), text[-2000:]
