@@ -133,6 +133,7 @@ _DEAD_UNWRITTEN_SQL = """
 SELECT DISTINCT ON (d.order_id) d.order_id, d.payload FROM dead_letters d
 WHERE d.event_id = $1 AND d.order_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = d.order_id)
+  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.hold_id = d.payload->>'hold_id')
 ORDER BY d.order_id, d.id
 """
 _KNOWN_SEATS_SQL = """
@@ -144,7 +145,9 @@ WHERE s.event_id = $1
 
 async def dead_orders(conn: asyncpg.Connection | asyncpg.Pool, event_id: str) -> list[DeadOrder]:
     """The event's dead-lettered orders that ``orders`` lacks, parsed from their payloads (the confirm script's
-    order, ``lua/confirm.lua``); a payload that is not one (malformed) is left out: it holds no stock."""
+    order, ``lua/confirm.lua``); a payload that is not one (malformed) is left out: it holds no stock. So is a
+    second order of a hold that has one in ``orders`` (one order per hold: e.g. a retried confirm after Redis
+    lost the first, which a repair gives back to the hold): its tickets are that order's, sold once."""
     out: list[DeadOrder] = []
     for r in await conn.fetch(_DEAD_UNWRITTEN_SQL, event_id):
         order = _dead_order(r["payload"], r["order_id"])

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 
+import pytest
 from prometheus_client import REGISTRY
 from test_rebuild import (  # noqa: F401
     buy,
@@ -537,14 +538,19 @@ async def test_repair_confirms_again_a_hold_that_expired_after_the_loss(scratch)
     assert (await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)).clean
 
 
-async def test_repair_puts_back_the_order_postgresql_has_over_a_second_confirm(scratch):
+@pytest.mark.parametrize("kind", ["seat", "ga"])
+async def test_repair_puts_back_the_order_postgresql_has_over_a_second_confirm(scratch, kind):
     """The buyer retried before the repair: Redis confirmed the hold again with a second order, which
     PostgreSQL refused (one order per hold). The repair confirms the hold with the order PostgreSQL has; the
-    dead letter stays for a person, and keeps no seat (the seat is the first order's)."""
+    dead letter stays for a person, and keeps no stock: its seat or its general-admission tickets are the first
+    order's, sold once (before, the GA ones were counted sold twice)."""
     client, inventory, pg, settings, write_through = scratch
     r = inventory.client
     eid = await create(client)
-    h = (await hold(client, eid, "c-6", seats=["A7"])).json()["hold_id"]
+    if kind == "seat":
+        h = (await hold(client, eid, "c-6", seats=["A7"])).json()["hold_id"]
+    else:
+        h = (await hold(client, eid, "c-6", ga=3)).json()["hold_id"]
     snap = await snapshot(r, eid)
     first = (await client.post(f"/v1/events/{eid}/holds/{h}/confirm", json={"payment_ref": "pay"})).json()
     await write_through(eid)
@@ -564,12 +570,19 @@ async def test_repair_puts_back_the_order_postgresql_has_over_a_second_confirm(s
     assert kinds(fixed) == {reconcile.DEAD_LETTERS} and fixed.status == "on_sale", fixed.drifts
     assert (await hold_of(client, eid, h))["order_id"] == first["order_id"]
     assert await r.get(keys.order(eid, second)) is None
-    assert await r.hget(keys.owners(eid, "sec-101"), "A7") == f"s:{first['order_id']}".encode()
-    sec = (await zones(client, eid))["sec-101"]
-    assert (sec["available"], sec["held"], sec["sold"]) == (19, 0, 1)
+    if kind == "seat":
+        assert await r.hget(keys.owners(eid, "sec-101"), "A7") == f"s:{first['order_id']}".encode()
+        sec = (await zones(client, eid))["sec-101"]
+        assert (sec["available"], sec["held"], sec["sold"]) == (19, 0, 1)
+    else:
+        floor = (await zones(client, eid))["floor"]
+        assert (floor["available"], floor["held"], floor["sold"]) == (97, 0, 3)
+        assert await pg.fetchval("SELECT sold FROM zones WHERE event_id = $1 AND zone_id = 'floor'", eid) == 3
     await confirm_again(client, eid, first)
     await write_through(eid)
     assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", eid) == 1
+    again = await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)
+    assert kinds(again) == {reconcile.DEAD_LETTERS}, again.drifts
 
 
 async def test_restoring_a_lost_confirm_takes_its_seats_from_holds_made_after_the_check(scratch):

@@ -5,7 +5,8 @@ What is compared, per event (figures in tickets unless named otherwise):
 * ``sold_redis_vs_pg``: zone ``sold`` in Redis == tickets of the event's orders in PostgreSQL + tickets of the
   orders "in flight" (confirmed in Redis, still in the outbox stream, not written through yet) + tickets of
   the dead-lettered orders PostgreSQL's ``orders`` lacks (acknowledged sales PostgreSQL refused: their stock
-  stays sold until a person decides). In-flight orders are not drift; one older than
+  stays sold until a person decides; but not a second order of a hold ``orders`` has one of, whose stock is
+  that order's: ``db.dead_orders``). In-flight orders are not drift; one older than
   ``stuck_after_ms(settings)`` is (``outbox_stuck``).
 * ``sold_counter_vs_items``: ``zones.sold`` == the sum of the zone's ``order_items`` (PostgreSQL alone).
 * ``seat_sold_in_pg_not_redis`` / ``seat_sold_in_redis_not_pg``: a seat PostgreSQL (or the outbox, or a dead
