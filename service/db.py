@@ -50,11 +50,11 @@ async def insert_event(conn: asyncpg.Connection, spec: EventSpec) -> None:
         )
 
 
-async def set_status(pool: asyncpg.Pool, event_id: str, status: str) -> None:
+async def set_status(pool: asyncpg.Pool | asyncpg.Connection, event_id: str, status: str) -> None:
     await pool.execute("UPDATE events SET status = $2 WHERE event_id = $1", event_id, status)
 
 
-async def event_exists(pool: asyncpg.Pool, event_id: str) -> bool:
+async def event_exists(pool: asyncpg.Pool | asyncpg.Connection, event_id: str) -> bool:
     """Whether the catalog has the event (PostgreSQL is its durable record)."""
     return await pool.fetchval("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = $1)", event_id)
 

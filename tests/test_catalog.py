@@ -3,6 +3,8 @@ own throw-away redis-server and the session's database. Faults are injected into
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import event_body
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -124,3 +126,70 @@ async def test_a_failed_switch_to_on_sale_leaves_the_event_paused_in_both_stores
     assert await pg_status(pg, spec.event_id) == EVENT_PAUSED
     await catalog.set_status(pg, inventory, spec.event_id, EVENT_ON_SALE)
     assert await redis_status(inventory, spec.event_id) == EVENT_ON_SALE
+
+
+async def test_a_retried_create_waits_for_the_failed_ones_clean_up(pg, inventory, monkeypatch):
+    """A create whose load reply was lost, and the client's retry of it at the same moment: the retry must not
+    run while the first one's clean-up (unload: a SCAN and a DEL per key) deletes keys. Before, the retry
+    waited only on PostgreSQL's primary key, went ahead at the rollback, and answered 'created' with some or
+    all of the event's keys deleted under it."""
+    from service.inventory import Inventory
+
+    first = Inventory(inventory.client, inventory.settings)
+    real_load, real_unload = first.load_event, first.unload_event
+
+    async def load_then_lose_reply(*args, **kwargs):
+        await real_load(*args, **kwargs)
+        await asyncio.sleep(0.2)  # the retry arrives meanwhile
+        raise RedisConnectionError("reply lost")
+
+    async def slow_unload(event_id):
+        await asyncio.sleep(0.1)  # the clean-up's round trips
+        await real_unload(event_id)
+
+    monkeypatch.setattr(first, "load_event", load_then_lose_reply)
+    monkeypatch.setattr(first, "unload_event", slow_unload)
+    for _ in range(3):
+        spec = new_spec()
+        failed = asyncio.create_task(catalog.create_event(pg, first, spec))
+        await asyncio.sleep(0.05)
+        await catalog.create_event(pg, inventory, spec)  # the retry
+        with pytest.raises(RedisConnectionError):
+            await failed
+        assert await redis_status(inventory, spec.event_id) == EVENT_ON_SALE
+        assert await pg_status(pg, spec.event_id) == EVENT_ON_SALE
+        for zone in spec.zones:
+            assert await inventory.client.exists(keys.zone(spec.event_id, zone.zone_id))
+        hold, _ = await inventory.hold(spec.event_id, HoldRequest(customer_id="retry", items=GA))
+        assert hold["status"] == "active"
+
+
+async def test_a_pause_during_a_create_is_not_undone_by_it(pg, inventory, monkeypatch):
+    """An operator's pause that arrives while a create is finishing (before its switch to on_sale) applies
+    after it: both stores end paused. Before, the create's late switch reopened the sale in Redis only."""
+    from service.inventory import Inventory
+
+    creating = Inventory(inventory.client, inventory.settings)
+    real_set_status = creating.set_status
+
+    async def slow_switch(*args, **kwargs):
+        await asyncio.sleep(0.2)
+        await real_set_status(*args, **kwargs)
+
+    monkeypatch.setattr(creating, "set_status", slow_switch)
+    spec = new_spec()
+    create = asyncio.create_task(catalog.create_event(pg, creating, spec))
+    await asyncio.sleep(0.1)
+    await catalog.set_status(pg, inventory, spec.event_id, EVENT_PAUSED)
+    await create
+    assert await redis_status(inventory, spec.event_id) == EVENT_PAUSED
+    assert await pg_status(pg, spec.event_id) == EVENT_PAUSED
+
+
+async def test_pausing_an_event_redis_lost_says_to_rebuild(pg, inventory):
+    spec = new_spec()
+    await catalog.create_event(pg, inventory, spec)
+    await inventory.unload_event(spec.event_id)
+    with pytest.raises(DomainError) as exc:
+        await catalog.set_status(pg, inventory, spec.event_id, EVENT_PAUSED)
+    assert exc.value.code == "event_not_found" and "boxoffice rebuild" in exc.value.message
