@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -13,28 +15,55 @@ from service.errors import DomainError
 from service.inventory import Inventory
 
 CATALOG_LOCK = "boxoffice.catalog:{}"
-"""The per-event PostgreSQL advisory lock (key text, hashed) that create_event and set_status hold throughout."""
+"""The per-event PostgreSQL advisory lock (key text, hashed) held by whatever changes an event's catalog state:
+create_event, set_status, a rebuild and a reconcile repair, each from start to end."""
+LOCK_POLL_SECONDS = 0.05
+API_LOCK_WAIT_SECONDS = 10.0
+"""How long a create, pause or resume waits for another change of the same event before event_busy (409)."""
 
 
 @contextlib.asynccontextmanager
-async def _event_lock(pool: asyncpg.Pool, event_id: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection holding the event's catalog lock (a session advisory lock, waited for): creates, pauses and
-    resumes of one event run one at a time, their Redis writes and clean-ups included. asyncpg's connection
-    reset drops the lock if the unlock itself fails."""
+async def event_lock(
+    pool: asyncpg.Pool, event_id: str, *, wait_seconds: float | None = None
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection holding the event's catalog lock (a session advisory lock): changes of one event's catalog
+    state run one at a time, their Redis writes and clean-ups included. Taken with ``pg_try_advisory_lock``,
+    tried every ``LOCK_POLL_SECONDS`` without keeping a pooled connection while it waits (waiters must not
+    starve the pool other routes use). Raises DomainError(event_busy) after ``wait_seconds`` (default
+    ``API_LOCK_WAIT_SECONDS``). The unlock is
+    best effort: if it fails, asyncpg's connection reset (``pg_advisory_unlock_all``) or the end of the
+    session drops the lock."""
     key = CATALOG_LOCK.format(event_id)
-    async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+    deadline = time.monotonic() + (API_LOCK_WAIT_SECONDS if wait_seconds is None else wait_seconds)
+    while True:
+        conn = await pool.acquire()
         try:
-            yield conn
+            if await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key):
+                break
+        except BaseException:
+            await pool.release(conn)
+            raise
+        await pool.release(conn)
+        if time.monotonic() >= deadline:
+            raise DomainError("event_busy", details={"event_id": event_id})
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+    try:
+        yield conn
+    finally:
+        try:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+            await pool.release(conn)
 
 
 async def create_event(pool: asyncpg.Pool, inventory: Inventory, spec: EventSpec) -> None:
-    """Store the event in PostgreSQL and load it into Redis; both or neither. Raises DomainError(event_exists).
+    """Store the event in PostgreSQL and load it into Redis; both or neither. Raises DomainError(event_exists,
+    event_busy).
 
-    Under the event's catalog lock (``_event_lock``), so a concurrent create of the same id (a client's
-    retry), pause or resume waits until this one is done, clean-up included:
+    Under the event's catalog lock (``event_lock``), so a concurrent create of the same id (a client's
+    retry), pause, resume, rebuild or repair waits until this one is done, clean-up included (or gets
+    event_busy, 409, after ``API_LOCK_WAIT_SECONDS``):
     1. In one PostgreSQL transaction: insert the rows, then load Redis with the event **paused**, so nobody
        can hold a ticket of an event that might still be rolled back. From the moment the load is sent, any
        failure (an error, a reply lost after Redis applied the load, a failed commit) unloads Redis again.
@@ -46,7 +75,7 @@ async def create_event(pool: asyncpg.Pool, inventory: Inventory, spec: EventSpec
     ``Inventory.unsold``); otherwise the create is refused with event_exists and nothing is changed.
     """
     eid = spec.event_id
-    async with _event_lock(pool, eid) as conn:
+    async with event_lock(pool, eid) as conn:
         loaded = False
         try:
             async with conn.transaction():
@@ -70,17 +99,27 @@ async def create_event(pool: asyncpg.Pool, inventory: Inventory, spec: EventSpec
 
 
 async def set_status(pool: asyncpg.Pool, inventory: Inventory, event_id: str, status: str) -> None:
-    """Pause or resume new holds, under the event's catalog lock: Redis first (takes effect at once), then the
-    record. Raises event_not_found when PostgreSQL's catalog has no such event (also when Redis has keys of it
-    that a failed create left), or when Redis lost it (the message says to run ``boxoffice rebuild``)."""
-    async with _event_lock(pool, event_id) as conn:
-        if not await db.event_exists(conn, event_id):
-            raise DomainError("event_not_found")
-        if not await inventory.event_exists(event_id):
-            raise DomainError(
-                "event_not_found",
-                message=f"The event is in the catalog but not in Redis (Redis lost it): run "
-                f"`boxoffice rebuild --event {event_id}`.",
-            )
-        await inventory.set_status(event_id, status)
-        await db.set_status(conn, event_id, status)
+    """Pause or resume new holds, under the event's catalog lock (``set_status_locked``). Raises event_busy
+    (409) if another change of the event holds the lock past ``API_LOCK_WAIT_SECONDS``, and what
+    ``set_status_locked`` raises."""
+    async with event_lock(pool, event_id) as conn:
+        await set_status_locked(conn, inventory, event_id, status)
+
+
+async def set_status_locked(
+    conn: asyncpg.Connection, inventory: Inventory, event_id: str, status: str
+) -> None:
+    """Pause or resume new holds: Redis first (takes effect at once), then the record, on ``conn``, which holds
+    the event's catalog lock (``event_lock``). Raises event_not_found when PostgreSQL's catalog has no such
+    event (also when Redis has keys of it that a failed create left), or when Redis lost it (the message says
+    to run ``boxoffice rebuild``)."""
+    if not await db.event_exists(conn, event_id):
+        raise DomainError("event_not_found")
+    if not await inventory.event_exists(event_id):
+        raise DomainError(
+            "event_not_found",
+            message=f"The event is in the catalog but not in Redis (Redis lost it): run "
+            f"`boxoffice rebuild --event {event_id}`.",
+        )
+    await inventory.set_status(event_id, status)
+    await db.set_status(conn, event_id, status)

@@ -133,7 +133,7 @@ _DEAD_UNWRITTEN_SQL = """
 SELECT DISTINCT ON (d.order_id) d.order_id, d.payload FROM dead_letters d
 WHERE d.event_id = $1 AND d.order_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = d.order_id)
-  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.hold_id = d.payload->>'hold_id')
+  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.hold_id = d.payload->>'hold_id' AND o.event_id = d.event_id)
 ORDER BY d.order_id, d.id
 """
 _KNOWN_SEATS_SQL = """

@@ -18,6 +18,10 @@ ERRORS: dict[str, tuple[int, str]] = {
     "order_not_found": (404, "No such order."),
     "method_not_allowed": (405, "Method not allowed on this route."),
     "event_exists": (409, "An event with this id exists already."),
+    "event_busy": (
+        409,
+        "Another change of this event (a create, pause, resume, rebuild or repair) is in progress; retry.",
+    ),
     "sold_out": (409, "Not enough tickets left in this zone."),
     "seats_unavailable": (409, "Some of these seats are held or sold."),
     "limit_exceeded": (409, "This would pass the event's limit of tickets per customer."),

@@ -18,7 +18,9 @@ For a Redis that restarted empty (no AOF/RDB, or FLUSHALL) or lost an event's ke
 5. ``Inventory.load_event(spec, status="paused", sold=..., sold_seats=..., customers=...)`` (one MULTI,
    pipelined in chunks of 10,000 seats), per-customer ticket counts included (the
    ``max_tickets_per_customer`` rule counts confirmed orders too);
-6. status: paused (Redis and PostgreSQL, ``service.catalog.set_status``) unless ``resume``.
+6. status: paused (Redis and PostgreSQL, ``service.catalog.set_status_locked``) unless ``resume``; steps 1-6
+   run under the event's catalog lock too (``service.catalog.event_lock``), so a pause or resume meanwhile
+   waits and applies after.
 
 What a rebuild cannot bring back: orders confirmed in Redis but not yet written through when Redis lost its
 data. The outbox lived in Redis; with ``appendfsync everysec`` a crash can lose about the last second of
@@ -48,6 +50,8 @@ Progress = Callable[[str, int, int], None]
 """``progress(step description, steps done, steps in all)``, called before each step and once at the end."""
 
 STEPS = 6
+CATALOG_LOCK_WAIT_SECONDS = 60.0
+"""How long a rebuild waits for another change of the event's catalog state (``catalog.event_lock``)."""
 
 
 @dataclass
@@ -100,7 +104,11 @@ async def rebuild_event(
                 details={"event_id": event_id},
             )
         try:
-            return await _rebuild_locked(inventory, pg, event_id, resume=resume, step=step, started=started)
+            # and the catalog lock (service/catalog.py), so a pause or resume waits and applies after it
+            async with catalog.event_lock(pg, event_id, wait_seconds=CATALOG_LOCK_WAIT_SECONDS) as conn:
+                return await _rebuild_locked(
+                    inventory, pg, conn, event_id, resume=resume, step=step, started=started
+                )
         finally:
             await lock_conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key)
 
@@ -108,6 +116,7 @@ async def rebuild_event(
 async def _rebuild_locked(
     inventory: Inventory,
     pg: asyncpg.Pool,
+    catalog_conn: asyncpg.Connection,
     event_id: str,
     *,
     resume: bool,
@@ -158,7 +167,7 @@ async def _rebuild_locked(
 
     status = EVENT_ON_SALE if resume else EVENT_PAUSED
     step(5, f"setting the status to {status}")
-    await catalog.set_status(pg, inventory, event_id, status)
+    await catalog.set_status_locked(catalog_conn, inventory, event_id, status)
     step(STEPS, "done")
     return RebuildResult(
         event_id=event_id,

@@ -193,3 +193,39 @@ async def test_pausing_an_event_redis_lost_says_to_rebuild(pg, inventory):
     with pytest.raises(DomainError) as exc:
         await catalog.set_status(pg, inventory, spec.event_id, EVENT_PAUSED)
     assert exc.value.code == "event_not_found" and "boxoffice rebuild" in exc.value.message
+
+
+async def test_a_change_of_an_event_busy_elsewhere_waits_without_a_connection_then_answers_event_busy(
+    pg, inventory, monkeypatch
+):
+    """While another change holds the event's catalog lock (a rebuild or repair can take minutes), pauses of
+    it wait without keeping a pooled connection, so other routes still get one, and answer event_busy (409)
+    after API_LOCK_WAIT_SECONDS. Before, each waiter held a connection for as long as the lock was held."""
+    import asyncpg
+
+    from service.catalog import CATALOG_LOCK
+
+    spec = new_spec()
+    await catalog.create_event(pg, inventory, spec)
+    monkeypatch.setattr(catalog, "API_LOCK_WAIT_SECONDS", 1.0)
+    small = await asyncpg.create_pool(inventory.settings.database_url, min_size=1, max_size=2)
+    key = CATALOG_LOCK.format(spec.event_id)
+    try:
+        async with pg.acquire() as other:  # another change of the event, e.g. a repair
+            await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+            waiters = [
+                asyncio.create_task(catalog.set_status(small, inventory, spec.event_id, EVENT_PAUSED))
+                for _ in range(3)
+            ]
+            await asyncio.sleep(0.3)
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(small.fetchval("SELECT 1"), 0.5) == 1  # the pool is not held
+            assert asyncio.get_running_loop().time() - started < 0.5
+            for result in await asyncio.gather(*waiters, return_exceptions=True):
+                assert isinstance(result, DomainError) and result.code == "event_busy", result
+            await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+        assert await redis_status(inventory, spec.event_id) == EVENT_ON_SALE  # nothing was changed
+        await catalog.set_status(small, inventory, spec.event_id, EVENT_PAUSED)
+        assert await redis_status(inventory, spec.event_id) == EVENT_PAUSED
+    finally:
+        await small.close()

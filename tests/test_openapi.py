@@ -453,3 +453,22 @@ async def test_success_replies_fit_their_schemas(client, make_event) -> None:
     check_reply(await client.get("/readyz"), "get", "/readyz", 200)
     check_reply(await client.get("/openapi.json"), "get", "/openapi.json", 200)
     check_reply(await client.get("/metrics"), "get", "/metrics", 200)
+
+
+async def test_a_pause_while_another_change_holds_the_event_is_a_documented_409(
+    app, client, make_event, monkeypatch
+) -> None:
+    from service import catalog
+
+    eid = (await make_event())["event_id"]
+    monkeypatch.setattr(catalog, "API_LOCK_WAIT_SECONDS", 0.3)
+    key = catalog.CATALOG_LOCK.format(eid)
+    async with app.state.pg.acquire() as other:  # e.g. a rebuild or a repair of this event
+        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+        try:
+            r = await client.post(f"/v1/events/{eid}/pause", headers=ADMIN)
+        finally:
+            await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+    check_reply(r, "post", "/v1/events/{event_id}/pause", 409, "event_busy")
+    assert r.json()["error"]["details"] == {"event_id": eid}
+    assert (await client.post(f"/v1/events/{eid}/pause", headers=ADMIN)).status_code == 200

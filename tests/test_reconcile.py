@@ -615,3 +615,77 @@ async def test_restoring_a_lost_confirm_takes_its_seats_from_holds_made_after_th
     assert (sec["available"], sec["held"], sec["sold"]) == (18, 0, 2)
     assert await r.hgetall(keys.customers(eid)) == {b"c-2": b"2"}
     assert (await reconcile_event(r, pg, inventory, eid, repair=False, settings=settings)).clean
+
+
+async def test_an_operators_pause_during_a_repair_is_applied_after_it(scratch, monkeypatch):
+    """A repair pauses the sale, repairs, and resumes it: an operator's pause sent meanwhile waits for the
+    repair and stays. Before, the repair's resume undid it (both stores on sale, report 'resumed the sale')."""
+    from service import catalog
+
+    client, inventory, pg, settings, write_through = scratch
+    r = inventory.client
+    eid = await create(client)
+    await buy(client, eid, "c-1", ga=2)
+    await write_through(eid)
+    await r.hincrby(keys.zone(eid, "floor"), "sold", 2)  # drift a repair fixes
+    real_repair = reconcile._repair
+
+    async def slow_repair(*args, **kwargs):
+        await asyncio.sleep(0.4)
+        return await real_repair(*args, **kwargs)
+
+    monkeypatch.setattr(reconcile, "_repair", slow_repair)
+    repairing = asyncio.create_task(reconcile_event(r, pg, inventory, eid, repair=True, settings=settings))
+    await asyncio.sleep(0.2)
+    await catalog.set_status(pg, inventory, eid, "paused")  # waits for the repair
+    report = await repairing
+    assert "resumed the sale" in report.repaired and not report.drifts
+    assert (await r.hget(keys.meta(eid), "status")) == b"paused"
+    assert await pg.fetchval("SELECT status FROM events WHERE event_id = $1", eid) == "paused"
+
+
+async def test_an_operators_pause_during_a_rebuild_with_resume_is_applied_after_it(scratch, monkeypatch):
+    from service import catalog
+
+    client, inventory, pg, settings, write_through = scratch
+    eid = await create(client)
+    await inventory.unload_event(eid)  # Redis lost it
+    real_load = inventory.load_event
+
+    async def slow_load(*args, **kwargs):
+        await real_load(*args, **kwargs)
+        await asyncio.sleep(0.4)
+
+    monkeypatch.setattr(inventory, "load_event", slow_load)
+    rebuilding = asyncio.create_task(rebuild_event(inventory, pg, eid, resume=True))
+    await asyncio.sleep(0.2)
+    await catalog.set_status(pg, inventory, eid, "paused")  # waits for the rebuild
+    assert (await rebuilding).status == "on_sale"
+    assert (await inventory.client.hget(keys.meta(eid), "status")) == b"paused"
+    assert await pg.fetchval("SELECT status FROM events WHERE event_id = $1", eid) == "paused"
+
+
+async def test_a_dead_letter_keeps_its_stock_unless_its_own_event_has_an_order_of_its_hold(scratch):
+    """The rule of 5683ec9 (a second order of a hold that has one in PostgreSQL keeps nothing) looks only in
+    the dead letter's own event: a payload naming another event's hold still keeps its tickets sold."""
+    client, inventory, pg, settings, write_through = scratch
+    other = await create(client)
+    order = await buy(client, other, "c-1", ga=1)
+    await write_through(other)
+    eid = await create(client)
+    payload = {
+        "order_id": "o_forged",
+        "hold_id": order["hold_id"],
+        "event_id": eid,
+        "confirmed_at_ms": 1,
+        "items": [{"zone_id": "floor", "quantity": 4}],
+    }
+    await pg.execute(
+        "INSERT INTO dead_letters (event_id, order_id, entry_id, payload, reason) VALUES ($1, $2, $3, $4, $5)",
+        eid,
+        "o_forged",
+        "1-1",
+        json.dumps(payload),
+        "test",
+    )
+    assert [(o.order_id, o.ga) for o in await db.dead_orders(pg, eid)] == [("o_forged", {"floor": 4})]

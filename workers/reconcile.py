@@ -45,7 +45,8 @@ once. Hold records are read in a second MULTI that re-reads the expiry set; the 
 only when that set did not change in between (``SNAPSHOT_ATTEMPTS`` tries, else ``held_checked`` is False).
 Every hold-level finding is re-checked atomically (one MULTI) before it is reported.
 
-Repair (``repair=True``), with the sale paused (``service.catalog.set_status``) and resumed after only if it
+Repair (``repair=True``), under the event's catalog lock (``service.catalog.event_lock``: a pause or resume
+meanwhile waits for it, and is applied after), with the sale paused and resumed after only if it
 was on sale and nothing that risks an oversell is left:
 
 1. ``zones.sold`` := sum of its order items (zone rows locked ``FOR UPDATE`` like the write-through does);
@@ -118,6 +119,8 @@ HOLD_MISSING_EXPIRY = "hold_missing_expiry"
 STALE_SEAT_HOLD = "stale_seat_hold"
 ORDER_MISSING_IN_PG = "order_missing_in_pg"
 HOLD_CONFIRMED_NOT_IN_REDIS = "hold_confirmed_in_pg_not_redis"
+REPAIR_LOCK_WAIT_SECONDS = 60.0
+"""How long a repair waits for another change of the event's catalog state (``catalog.event_lock``)."""
 OUTBOX_STUCK = "outbox_stuck"
 DEAD_LETTERS = "dead_letters"
 
@@ -1336,23 +1339,26 @@ async def reconcile_event(
         report, findings = await _check(node, pg, event_id, settings)
         if not repair or not any(d.repairable for d in report.drifts):
             return report
-        was_on_sale = report.status == EVENT_ON_SALE
-        actions = []
-        if was_on_sale:
-            await catalog.set_status(pg, inventory, event_id, EVENT_PAUSED)
-            actions.append("paused the sale")
-        actions += await _repair(node, pg, inventory, event_id, settings, report, findings)
-        after, _ = await _check(node, pg, event_id, settings)
+        # The whole pause -> repair -> resume under the event's catalog lock: an operator's pause (or resume)
+        # meanwhile waits, and is applied after, instead of being undone by the resume at the end.
+        async with catalog.event_lock(pg, event_id, wait_seconds=REPAIR_LOCK_WAIT_SECONDS) as lock_conn:
+            was_on_sale = _s(await node.hget(keys.meta(event_id), "status")) == EVENT_ON_SALE
+            actions = []
+            if was_on_sale:
+                await catalog.set_status_locked(lock_conn, inventory, event_id, EVENT_PAUSED)
+                actions.append("paused the sale")
+            actions += await _repair(node, pg, inventory, event_id, settings, report, findings)
+            after, _ = await _check(node, pg, event_id, settings)
+            if was_on_sale:
+                if any(d.kind in OVERSELL_RISK for d in after.drifts):
+                    actions.append("left the sale paused: drift that risks an oversell remains")
+                else:
+                    await catalog.set_status_locked(lock_conn, inventory, event_id, EVENT_ON_SALE)
+                    after.status = EVENT_ON_SALE
+                    actions.append("resumed the sale")
     finally:
         if own_slots:
             await slots.aclose()
-    if was_on_sale:
-        if any(d.kind in OVERSELL_RISK for d in after.drifts):
-            actions.append("left the sale paused: drift that risks an oversell remains")
-        else:
-            await catalog.set_status(pg, inventory, event_id, EVENT_ON_SALE)
-            after.status = EVENT_ON_SALE
-            actions.append("resumed the sale")
     after.repaired, after.drifts_before = actions, report.drifts
     return after
 
