@@ -32,6 +32,7 @@ buyers got a 201 and an order id that PostgreSQL never saw; match payment refere
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -81,7 +82,8 @@ async def rebuild_event(
     """Reload one event from PostgreSQL into Redis (see the module doc). Returns what was loaded.
 
     Raises DomainError(event_not_found) if PostgreSQL does not know the event, DomainError(event_exists) if it
-    is live in Redis or another rebuild of it is running (nothing is changed). Redis or PostgreSQL errors
+    is live in Redis or another rebuild of it is running, DomainError(event_busy) if another change of it
+    (``catalog.event_lock``) holds it past ``CATALOG_LOCK_WAIT_SECONDS`` (nothing is changed). Redis or PostgreSQL errors
     propagate; running it again is safe (the event is not live until the last step wrote its meta hash).
     """
     started = time.perf_counter()
@@ -109,8 +111,9 @@ async def rebuild_event(
                 return await _rebuild_locked(
                     inventory, pg, conn, event_id, resume=resume, step=step, started=started
                 )
-        finally:
-            await lock_conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key)
+        finally:  # best effort: if the session is gone, so is its lock
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await lock_conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key)
 
 
 async def _rebuild_locked(

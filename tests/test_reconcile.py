@@ -689,3 +689,31 @@ async def test_a_dead_letter_keeps_its_stock_unless_its_own_event_has_an_order_o
         "test",
     )
     assert [(o.order_id, o.ga) for o in await db.dead_orders(pg, eid)] == [("o_forged", {"floor": 4})]
+
+
+async def test_cli_repair_of_an_event_busy_elsewhere_says_so_and_repairs_the_others(
+    scratch, capsys, monkeypatch
+):
+    """An event another change holds (a create, pause, rebuild, repair) is reported busy, exit 1, and the run
+    goes on with the other events. Before, event_busy came out as 'no such event' (exit 2) and stopped the run."""
+    from service import catalog
+
+    client, inventory, pg, settings, write_through = scratch
+    held, free = await create(client), await create(client)
+    for eid in (held, free):
+        await inventory.client.hincrby(keys.zone(eid, "floor"), "sold", 1)
+    monkeypatch.setattr(reconcile, "REPAIR_LOCK_WAIT_SECONDS", 0.3)
+    ids = [held, free]
+    monkeypatch.setattr(reconcile, "all_event_ids", lambda *a: asyncio.sleep(0, result=ids))
+    key = catalog.CATALOG_LOCK.format(held)
+    async with pg.acquire() as other:
+        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+        try:
+            code = await asyncio.to_thread(run_cli, settings, event_id=None, repair=True, as_json=True)
+        finally:
+            await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+    body = json.loads(capsys.readouterr().out)
+    assert code == 1 and body["busy"] == [held] and not body["clean"]
+    assert [e["event_id"] for e in body["events"]] == [free] and body["events"][0]["clean"]
+    assert (await zones(client, free))["floor"]["sold"] == 0
+    assert (await zones(client, held))["floor"]["sold"] == 1  # not repaired: run again

@@ -1326,8 +1326,10 @@ async def reconcile_event(
     the caller's ``SlotClients(redis)`` when it checks many events (on a Redis Cluster, one connection per
     node for the whole run rather than per event), else one is made and closed here. Returns the
     report (after a repair: the re-check, with ``repaired`` and ``drifts_before``). Raises
-    DomainError(event_not_found) if neither store knows the event; Redis and PostgreSQL errors propagate (a
-    repair that fails half-way leaves the event paused: run it again, every step is idempotent).
+    DomainError(event_not_found) if neither store knows the event, DomainError(event_busy) if a repair waited
+    ``REPAIR_LOCK_WAIT_SECONDS`` for another change of the event (``catalog.event_lock``; nothing repaired);
+    Redis and PostgreSQL errors propagate (a repair that fails half-way leaves the event paused: run it again,
+    every step is idempotent).
     """
     own_slots = slots is None
     slots = slots or SlotClients(redis)
@@ -1429,7 +1431,8 @@ async def cron_reconcile(ctx: dict[str, Any]) -> dict[str, int]:
 
 def run_cli(settings: Settings, *, event_id: str | None, repair: bool, as_json: bool) -> int:
     """``boxoffice reconcile [--event ID] [--repair] [--json]``: 0 clean, 1 drift (after a repair: drift the
-    repair did not fix), 2 no such event."""
+    repair did not fix) or an event another change held too long to repair (``event_busy``: said, and the
+    other events are still reconciled), 2 no such event."""
     return asyncio.run(_cli(settings, event_id=event_id, repair=repair, as_json=as_json))
 
 
@@ -1447,6 +1450,7 @@ async def _cli(settings: Settings, *, event_id: str | None, repair: bool, as_jso
     inventory = Inventory(client, settings)
     slots = SlotClients(client)
     reports: list[EventReport] = []
+    busy: list[str] = []
     try:
         ids = [event_id] if event_id else await all_event_ids(inventory, pool)
         with Progress(console=err, transient=True, disable=len(ids) < 2) as progress:
@@ -1461,7 +1465,9 @@ async def _cli(settings: Settings, *, event_id: str | None, repair: bool, as_jso
                     )
                 except DomainError as exc:
                     err.print(f"{eid}: {exc.message}")
-                    return 2
+                    if exc.code != "event_busy":
+                        return 2
+                    busy.append(eid)  # another change of it (a create, pause, rebuild, repair): next event
                 progress.advance(task)
     finally:
         await slots.aclose()
@@ -1469,11 +1475,17 @@ async def _cli(settings: Settings, *, event_id: str | None, repair: bool, as_jso
         inventory.close()
         await client.aclose()
     if as_json:
-        body = {"clean": all(r.clean for r in reports), "events": [r.as_dict() for r in reports]}
+        body = {
+            "clean": all(r.clean for r in reports) and not busy,
+            "events": [r.as_dict() for r in reports],
+            "busy": busy,
+        }
         sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         _print_tables(out, reports)
-    return 0 if all(r.clean for r in reports) else 1
+        if busy:
+            out.print(f"not repaired, busy with another change (run again): {', '.join(busy)}")
+    return 0 if all(r.clean for r in reports) and not busy else 1
 
 
 def _table(title: str, columns: str, rows: list[list[str]]):
