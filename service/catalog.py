@@ -30,9 +30,8 @@ async def event_lock(
     state run one at a time, their Redis writes and clean-ups included. Taken with ``pg_try_advisory_lock``,
     tried every ``LOCK_POLL_SECONDS`` without keeping a pooled connection while it waits (waiters must not
     starve the pool other routes use). Raises DomainError(event_busy) after ``wait_seconds`` (default
-    ``API_LOCK_WAIT_SECONDS``). The unlock is
-    best effort: if it fails, asyncpg's connection reset (``pg_advisory_unlock_all``) or the end of the
-    session drops the lock."""
+    ``API_LOCK_WAIT_SECONDS``). The unlock is best effort: if it fails, asyncpg's connection reset
+    (``pg_advisory_unlock_all``) or the end of the session drops the lock."""
     key = CATALOG_LOCK.format(event_id)
     deadline = time.monotonic() + (API_LOCK_WAIT_SECONDS if wait_seconds is None else wait_seconds)
     while True:
