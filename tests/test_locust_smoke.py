@@ -58,27 +58,37 @@ def live_api(settings, tmp_path_factory):
             stop_process(api)
 
 
-def locust(base: str, env: dict, acks_dir: Path, event_id: str, seconds: int | None) -> subprocess.Popen:
-    """A headless flash sale of 40 users; ``seconds=None``: no -t, it runs until stopped."""
+def locust(
+    base: str,
+    env: dict,
+    acks_dir: Path,
+    event_id: str,
+    seconds: int | None,
+    *,
+    scenario: str = "flash_sale",
+    users: int = 40,
+    options: tuple[str, ...] = ("--sale-tickets", "40"),
+) -> subprocess.Popen:
+    """A headless run of ``loadtests/<scenario>.py`` (default: a flash sale of 40 users); ``seconds=None``: no
+    -t, it runs until stopped. Output on the process's stdout."""
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "locust",
             "-f",
-            str(REPO / "loadtests" / "flash_sale.py"),
+            str(REPO / "loadtests" / f"{scenario}.py"),
             "--headless",
             "-u",
-            "40",
+            str(users),
             "-r",
-            "40",
+            str(users),
             *(["-t", f"{seconds}s"] if seconds else []),
             "--host",
             base,
             "--event-id",
             event_id,
-            "--sale-tickets",
-            "40",
+            *options,
             "--hold-ttl",
             "2",
             "--acks-dir",
@@ -253,40 +263,9 @@ def test_steady_browse_on_an_existing_seated_only_event(live_api, tmp_path):
         f"{base}/v1/events", json=body, headers={"Authorization": f"Bearer {env['BOXOFFICE_ADMIN_TOKEN']}"}
     )
     assert r.status_code == 201, r.text
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "locust",
-            "-f",
-            str(REPO / "loadtests" / "steady_browse.py"),
-            "--headless",
-            "-u",
-            "60",
-            "-r",
-            "60",
-            "-t",
-            "6s",
-            "--host",
-            base,
-            "--event-id",
-            event_id,
-            "--hold-ttl",
-            "2",
-            "--acks-dir",
-            str(tmp_path),
-            "--audit-drain-timeout",
-            "15",
-            "--only-summary",
-            "--stop-timeout",
-            "3",
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        timeout=120,
-    )
-    text = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    proc = locust(base, env, tmp_path, event_id, seconds=6, scenario="steady_browse", users=60, options=())
+    out, _ = proc.communicate(timeout=120)
+    text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
     assert "validation_failed" not in text and f"PASS {event_id}" in text.replace("\n", " ")
     assert any(a["kind"] == "confirmed" for a in acks_of(tmp_path, event_id)), text[-2000:]
