@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 
@@ -23,17 +23,15 @@ API_LOCK_WAIT_SECONDS = 10.0
 
 
 @contextlib.asynccontextmanager
-async def event_lock(
-    pool: asyncpg.Pool, event_id: str, *, wait_seconds: float | None = None
+async def advisory_lock(
+    pool: asyncpg.Pool, key: str, *, wait_seconds: float, busy: Callable[[], DomainError]
 ) -> AsyncIterator[asyncpg.Connection]:
-    """A connection holding the event's catalog lock (a session advisory lock): changes of one event's catalog
-    state run one at a time, their Redis writes and clean-ups included. Taken with ``pg_try_advisory_lock``,
-    tried every ``LOCK_POLL_SECONDS`` without keeping a pooled connection while it waits (waiters must not
-    starve the pool other routes use). Raises DomainError(event_busy) after ``wait_seconds`` (default
-    ``API_LOCK_WAIT_SECONDS``). The unlock is best effort: if it fails, asyncpg's connection reset
-    (``pg_advisory_unlock_all``) or the end of the session drops the lock."""
-    key = CATALOG_LOCK.format(event_id)
-    deadline = time.monotonic() + (API_LOCK_WAIT_SECONDS if wait_seconds is None else wait_seconds)
+    """A connection holding the PostgreSQL session advisory lock ``key`` (text, hashed). Taken with
+    ``pg_try_advisory_lock``, tried every ``LOCK_POLL_SECONDS`` for ``wait_seconds`` (0: once) without keeping a
+    pooled connection while it waits (waiters must not starve the pool other routes use); then raises
+    ``busy()``. The unlock is best effort: if it fails, asyncpg's connection reset (``pg_advisory_unlock_all``)
+    or the end of the session drops the lock."""
+    deadline = time.monotonic() + wait_seconds
     while True:
         conn = await pool.acquire()
         try:
@@ -44,7 +42,7 @@ async def event_lock(
             raise
         await pool.release(conn)
         if time.monotonic() >= deadline:
-            raise DomainError("event_busy", details={"event_id": event_id})
+            raise busy()
         await asyncio.sleep(LOCK_POLL_SECONDS)
     try:
         yield conn
@@ -54,6 +52,20 @@ async def event_lock(
                 await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
         finally:
             await pool.release(conn)
+
+
+def event_lock(
+    pool: asyncpg.Pool, event_id: str, *, wait_seconds: float | None = None
+) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+    """The event's catalog lock (``CATALOG_LOCK``, ``advisory_lock``): changes of one event's catalog state run
+    one at a time, their Redis writes and clean-ups included. Raises DomainError(event_busy) after
+    ``wait_seconds`` (default ``API_LOCK_WAIT_SECONDS``)."""
+    return advisory_lock(
+        pool,
+        CATALOG_LOCK.format(event_id),
+        wait_seconds=API_LOCK_WAIT_SECONDS if wait_seconds is None else wait_seconds,
+        busy=lambda: DomainError("event_busy", details={"event_id": event_id}),
+    )
 
 
 async def create_event(pool: asyncpg.Pool, inventory: Inventory, spec: EventSpec) -> None:

@@ -225,7 +225,8 @@ class ConfirmRequest(_Strict):
 @dataclass
 class DeadOrder:
     """An acknowledged order PostgreSQL refused (``dead_letters``) and its ``orders`` lacks: a person decides
-    (refund or re-seat), and until then its stock stays sold (``dead_stock``; read by ``db.dead_orders``)."""
+    (refund or re-seat), and until then its stock stays sold (``dead_stock``; read by ``db.dead_orders``,
+    which leaves out a second order of a hold that has one in ``orders``: its stock is that order's)."""
 
     order_id: str
     confirmed_at_ms: float

@@ -32,7 +32,6 @@ buyers got a 201 and an order id that PostgreSQL never saw; match payment refere
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 import time
@@ -96,24 +95,16 @@ async def rebuild_event(
     step(0, "checking Redis")
     # One rebuild of an event at a time: a second one that checked "not live" while the first was loading
     # would unload the event after the first resumed it, and load its older reading over the sales made since.
-    # A session-level advisory lock on its own connection; PostgreSQL drops it if this process dies.
-    async with pg.acquire() as lock_conn:
-        lock_key = f"boxoffice.rebuild:{event_id}"
-        if not await lock_conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", lock_key):
-            raise DomainError(
-                "event_exists",
-                message="Another rebuild of this event is running.",
-                details={"event_id": event_id},
+    # A session-level advisory lock, tried once; PostgreSQL drops it if this process dies.
+    busy = DomainError(
+        "event_exists", message="Another rebuild of this event is running.", details={"event_id": event_id}
+    )
+    async with catalog.advisory_lock(pg, f"boxoffice.rebuild:{event_id}", wait_seconds=0, busy=lambda: busy):
+        # and the catalog lock (service/catalog.py), so a pause or resume waits and applies after it
+        async with catalog.event_lock(pg, event_id, wait_seconds=CATALOG_LOCK_WAIT_SECONDS) as conn:
+            return await _rebuild_locked(
+                inventory, pg, conn, event_id, resume=resume, step=step, started=started
             )
-        try:
-            # and the catalog lock (service/catalog.py), so a pause or resume waits and applies after it
-            async with catalog.event_lock(pg, event_id, wait_seconds=CATALOG_LOCK_WAIT_SECONDS) as conn:
-                return await _rebuild_locked(
-                    inventory, pg, conn, event_id, resume=resume, step=step, started=started
-                )
-        finally:  # best effort: if the session is gone, so is its lock
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await lock_conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key)
 
 
 async def _rebuild_locked(
