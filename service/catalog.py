@@ -126,11 +126,14 @@ async def set_status_locked(
     to run ``boxoffice rebuild``)."""
     if not await db.event_exists(conn, event_id):
         raise DomainError("event_not_found")
-    if not await inventory.event_exists(event_id):
+    try:
+        await inventory.set_status(event_id, status)  # raises event_not_found when Redis lacks the event
+    except DomainError as err:
+        if err.code != "event_not_found":
+            raise
         raise DomainError(
             "event_not_found",
             message=f"The event is in the catalog but not in Redis (Redis lost it): run "
             f"`boxoffice rebuild --event {event_id}`.",
-        )
-    await inventory.set_status(event_id, status)
+        ) from None
     await db.set_status(conn, event_id, status)

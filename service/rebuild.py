@@ -124,7 +124,7 @@ async def _rebuild_locked(
             message="The event is live in Redis; use `boxoffice reconcile --repair`.",
             details={"event_id": event_id},
         )
-    if not await pg.fetchval("SELECT 1 FROM events WHERE event_id = $1", event_id):
+    if not await db.event_exists(pg, event_id):
         raise DomainError("event_not_found", details={"event_id": event_id})
     outbox_written = 0
     if await client.xlen(keys.outbox(event_id)):

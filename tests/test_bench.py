@@ -85,24 +85,8 @@ def test_the_report_prints_the_ratio_of_each_run(capsys):
         [_m("healthz", 100, 20_000), _m("holds", 100, 12_000)],
         [_m("healthz", 100, 10_000), _m("holds", 100, 7_000)],
     ]
-    measures = _median_measures(runs)
-    report = {
-        "date": "2026-12-02T13:00:00+00:00",
-        "machine": {
-            "nproc": "2",
-            "cpu": "test",
-            "python": "3",
-            "wrk": "wrk",
-            "loadavg_at_start": (0.0, 0.0, 0.0),
-            "python_gauge_us": 27.19,
-        },
-        "runs": 2,
-        "duration_seconds": 5.0,
-        "measures": [vars(m) for m in measures],
-        "ceilings": [],
-        "audits": [],
-        "summary": summarize(measures, [], {}, [], [100], runs=runs),
-    }
+    report = _report(runs, [100])
+    report["machine"]["python_gauge_us"] = 27.19
     render(report)
     out = capsys.readouterr().out
     assert "60/70 %" in out
