@@ -168,15 +168,16 @@ def loopback_database_problem(database_url: str, environ: dict[str, str] | None 
 
 def boxoffice(*args: str, env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
     """Start ``boxoffice ARGS`` (``python -m service.cli``) in its own process group, output to ``log_path``."""
-    out = log_path.open("ab") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=REPO,
-    )
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log_path.open("ab")) if log_path else subprocess.DEVNULL
+        return subprocess.Popen(  # the child has its own copy of the log's descriptor; ours is closed here
+            [sys.executable, "-m", "service.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+        )
 
 
 def stop_all(procs: list[subprocess.Popen], stop: Any = stop_process) -> None:
@@ -729,19 +730,6 @@ def measure_mode(
     env = child_env(dict(os.environ), per_mode)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    api = boxoffice(
-        "serve",
-        "--workers",
-        "2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-migrate",
-        env=env,
-        log_path=workdir / f"serve-{mode}.log",
-    )
-    worker = boxoffice("worker", env=env, log_path=workdir / f"worker-{mode}.log")
     script = workdir / "bench.lua"
     script.write_text(WRK_SCRIPT)
     measures: list[Measure] = []
@@ -750,15 +738,31 @@ def measure_mode(
     hold_ttl = int(duration_seconds) + 1  # outlives the run; expired and reaped after it (expire_and_reap)
     expiries: list[dict[str, Any]] = []
     tag = uuid.uuid4().hex[:6]
-    redis_pid = int(redis.Redis.from_url(settings.redis_url).info("server")["process_id"])
     database = settings.database_url.rpartition("/")[2]
-    groups = {
-        "api": lambda: process_tree(api.pid),
-        "redis": lambda: [redis_pid],
-        "worker": lambda: process_tree(worker.pid),
-        "postgres": lambda: postgres_backends(database),
-    }
+    started: list[subprocess.Popen] = []  # stopped in the finally below, whatever fails after the first start
     try:
+        api = boxoffice(
+            "serve",
+            "--workers",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-migrate",
+            env=env,
+            log_path=workdir / f"serve-{mode}.log",
+        )
+        started.append(api)
+        worker = boxoffice("worker", env=env, log_path=workdir / f"worker-{mode}.log")
+        started.insert(0, worker)  # stopped first: it stops taking the API's write-through jobs
+        redis_pid = int(redis.Redis.from_url(settings.redis_url).info("server")["process_id"])
+        groups = {
+            "api": lambda: process_tree(api.pid),
+            "redis": lambda: [redis_pid],
+            "worker": lambda: process_tree(worker.pid),
+            "postgres": lambda: postgres_backends(database),
+        }
         wait_ready(base, api)
         warm = f"bench-warm-{mode}-{tag}"
         create_event(base, token, warm)
@@ -835,7 +839,7 @@ def measure_mode(
         return {"measures": measures, "audits": audits, "lag": lag, "holds_expiry": expiries}
     finally:
         try:
-            stop_all([worker, api])
+            stop_all(started)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 

@@ -308,6 +308,40 @@ def test_a_failed_bench_keeps_its_working_directory_with_the_childrens_logs(monk
     shutil.rmtree(kept[0])
 
 
+def test_children_already_started_are_stopped_when_a_later_set_up_step_fails(monkeypatch, tmp_path):
+    """The API and the worker start before the bench asks Redis for its process id; a Redis that does not
+    answer then must not leave them running."""
+    import subprocess
+
+    from loadtests import bench
+
+    children: list[subprocess.Popen] = []
+
+    def child(*args, env, log_path=None):  # a real process in its own group, as boxoffice() starts them
+        proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        children.append(proc)
+        return proc
+
+    monkeypatch.setattr(bench, "boxoffice", child)
+    unreachable = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            bench.measure_mode(
+                Settings(redis_url=unreachable, database_url="postgresql://postgres@127.0.0.1:5432/postgres"),
+                True,
+                clients=[100],
+                duration_seconds=1,
+                workdir=tmp_path,
+                log=lambda msg: None,
+            )
+        assert len(children) == 2
+        assert [proc.poll() for proc in children] == [-15, -15]  # both ended by the bench's SIGTERM
+    finally:
+        for proc in children:  # on a failure above, not left behind by the test either
+            proc.kill()
+            proc.wait()
+
+
 def test_stopping_one_child_interrupted_still_stops_the_next():
     from loadtests.bench import stop_all
 
