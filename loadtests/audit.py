@@ -2,13 +2,17 @@
 
 ``boxoffice audit --event ID [--acks FILE|DIR] [--drain-timeout S] [--hold-expiry-timeout S]`` runs it and
 exits 1 on any violation (2: no verdict, see ``run_cli``);
-the Locust scenarios run it at ``test_stop``. It reads, and changes nothing but one thing: it reaps holds
-whose TTL has passed (``Inventory.reap``, the sweeper's own call), so stock of abandoned holds is back.
+the Locust scenarios run it at ``test_stop``. It reads, and changes nothing but one thing: expired holds
+that the service failed to reap in time, it reaps itself (``Inventory.reap``, the sweeper's own call), so that
+the stock checks can still run.
 
 Order of work, each wait bounded:
 
-1. Holds: reap expired holds until the event has no active hold (``expiry`` zset empty), waiting for
-   TTLs to pass for at most ``hold_expiry_timeout_seconds`` (default: ``drain_timeout_seconds``).
+1. Holds: wait until the event has no active hold (``expiry`` zset empty), for TTLs to pass, for at most
+   ``hold_expiry_timeout_seconds`` (default: ``drain_timeout_seconds``) plus the reap grace. Reaping
+   expired holds is the service's job (``boxoffice worker``'s sweeper, every 0.25 s, and the scripts
+   themselves): a hold still active ``reap_grace_seconds`` (default 5) after its expiry fails the
+   ``reaping`` check, and then the audit reaps it.
 2. Write-through: wait until the event's outbox has no backlog (no entry undelivered to a consumer group
    and none pending; or the stream is empty), for at most ``drain_timeout_seconds``.
 3. Snapshot Redis (zone counters, seat owners) and PostgreSQL (orders, order_items, zones.sold,
@@ -48,6 +52,9 @@ from service.settings import Settings
 from service.slots import SlotClients
 
 POLL_SECONDS = 0.1
+REAP_GRACE_SECONDS = 5.0
+"""How long after its expiry a hold may still be active before the ``reaping`` check fails: the worker's sweeper
+runs every ``sweeper_interval_seconds`` (0.25 s by default)."""
 
 CHECKS: dict[str, str] = {
     "capacity": "no zone sold past capacity (Redis, PostgreSQL order items, zones.sold)",
@@ -59,6 +66,7 @@ CHECKS: dict[str, str] = {
     "drain": "write-through drained (outbox backlog 0) within the timeout",
     "dead_letters": "PostgreSQL refused no outbox entry of this event",
     "holds": "after expiry: held 0, available == capacity - sold, no held seat; abandoned holds expired",
+    "reaping": "the service reaped every expired hold within the grace (--reap-grace) of its expiry",
     "late_confirms": "no order confirmed at or after its hold's expires_at (the ack's, or the hold record's in Redis)",
 }
 
@@ -94,6 +102,7 @@ class AuditReport:
     """Orders Redis confirmed that the run never saw a 201 for (informational)."""
     outbox_backlog: int = 0
     holds_reaped: int = 0
+    """Expired holds the audit found unreaped past the grace and reaped itself (each one a ``reaping`` failure)."""
     active_holds: int = 0
     acks_checked: bool = True
     """False when the audit was given no acks (``acks=None``): the ``acks`` check was skipped, not passed."""
@@ -314,32 +323,49 @@ async def _redis_now_ms(redis: aioredis.Redis) -> int:
 
 @dataclass
 class HoldsLeft:
-    """What ``_expire_holds`` left: holds reaped, holds still active, seconds waited, and the seconds until
-    the next of the active ones expires (0 if none)."""
+    """What ``_expire_holds`` left: holds still active at the end, seconds waited, the seconds until the next
+    of the active ones expires (0 if none), and the holds found unreaped past the grace (the audit reaped them),
+    with the longest time past its expiry that one of them was seen active (ms, by Redis' clock)."""
 
-    reaped: int
     active: int
     waited_seconds: float
     next_expiry_seconds: float
+    overdue: int = 0
+    most_overdue_ms: int = 0
 
 
 async def _expire_holds(
-    redis: aioredis.Redis, inventory: Inventory, event_id: str, timeout_seconds: float
+    redis: aioredis.Redis, inventory: Inventory, event_id: str, timeout_seconds: float, grace_seconds: float
 ) -> HoldsLeft:
-    """Reap until no hold is active or the next expiry lies past the deadline."""
+    """Wait until no hold of the event is active, or until the next one to expire does so past
+    ``timeout_seconds`` from the start (so at most ``timeout_seconds + grace_seconds``). The service reaps:
+    holds still in the expiry set ``grace_seconds`` after their ``expires_at_ms`` (Redis' clock, as the
+    scripts use) are counted overdue and reaped here."""
     started = time.monotonic()
     deadline = started + timeout_seconds
-    reaped = 0
+    grace_ms = int(grace_seconds * 1000)
+    expiry = keys.expiry(event_id)
+    overdue: set[bytes] = set()
+    most_overdue_ms = 0
     while True:
-        reaped += await inventory.reap(event_id)
-        first = await redis.zrange(keys.expiry(event_id), 0, 0, withscores=True)
+        now_ms = await _redis_now_ms(redis)
+        late = await redis.zrangebyscore(expiry, "-inf", now_ms - grace_ms, withscores=True)
+        if late:
+            overdue.update(m for m, _ in late)
+            most_overdue_ms = max(most_overdue_ms, now_ms - int(late[0][1]))
+            await inventory.reap(event_id)
+            continue
+        first = await redis.zrange(expiry, 0, 0, withscores=True)
         if not first:
-            return HoldsLeft(reaped, 0, time.monotonic() - started, 0.0)
-        wait = (first[0][1] - await _redis_now_ms(redis)) / 1000 + 0.01
-        if time.monotonic() + max(wait, 0) > deadline:
-            active = await redis.zcard(keys.expiry(event_id))
-            return HoldsLeft(reaped, active, time.monotonic() - started, max(wait, 0.0))
-        await asyncio.sleep(min(max(wait, POLL_SECONDS), 1.0))
+            return HoldsLeft(0, time.monotonic() - started, 0.0, len(overdue), most_overdue_ms)
+        until_expiry = (first[0][1] - now_ms) / 1000
+        if time.monotonic() + max(until_expiry, 0) > deadline:  # it does not expire within the wait
+            active = await redis.zcard(expiry)
+            return HoldsLeft(
+                active, time.monotonic() - started, max(until_expiry, 0.0), len(overdue), most_overdue_ms
+            )
+        # it expires in time: wait for that, then poll while the service has the grace to reap it
+        await asyncio.sleep(min(max(until_expiry + 0.01, POLL_SECONDS), 1.0))
 
 
 async def drain(redis: aioredis.Redis, event_id: str, timeout_seconds: float) -> int:
@@ -363,11 +389,13 @@ async def audit_event(
     *,
     drain_timeout_seconds: float,
     hold_expiry_timeout_seconds: float | None = None,
+    reap_grace_seconds: float = REAP_GRACE_SECONDS,
     settings: Settings | None = None,
 ) -> AuditReport:
     """Audit one event; see the module docstring. ``pg`` is an asyncpg pool or connection. ``acks``: the
     run's records (``load_acks``; none of a run whose every hold was refused), or None when there are none
-    to check against (the bench's hold-only events).
+    to check against (the bench's hold-only events). ``reap_grace_seconds``: how long after its expiry a hold
+    may still be active before the ``reaping`` check fails (the service, not the audit, must reap it).
 
     Never raises for a failed check (it becomes a Violation); Redis and PostgreSQL errors propagate.
     """
@@ -384,8 +412,15 @@ async def audit_event(
     expiry_timeout = (
         drain_timeout_seconds if hold_expiry_timeout_seconds is None else hold_expiry_timeout_seconds
     )
-    left = await _expire_holds(redis, inventory, event_id, expiry_timeout)
-    report.holds_reaped, report.active_holds = left.reaped, left.active
+    left = await _expire_holds(redis, inventory, event_id, expiry_timeout, reap_grace_seconds)
+    report.holds_reaped, report.active_holds = left.overdue, left.active
+    if left.overdue:
+        report.add(
+            "reaping",
+            f"{left.overdue} expired holds were still active {reap_grace_seconds:g} s after their expiry (one "
+            f"{left.most_overdue_ms / 1000:.1f} s after): nothing reaped them (is `boxoffice worker` running, "
+            "its sweeper failing?); the audit reaped them",
+        )
     report.outbox_backlog = await drain(redis, event_id, drain_timeout_seconds)
     if report.outbox_backlog:
         report.add(
@@ -620,6 +655,7 @@ def run_cli(
     acks_file: Path | None,
     drain_timeout_seconds: float,
     hold_expiry_timeout_seconds: float | None = None,
+    reap_grace_seconds: float = REAP_GRACE_SECONDS,
 ) -> int:
     """``boxoffice audit``: print the report; 0 if it passes, 1 on any violation, 2 if the acks can't be read,
     or ``acks_file`` has no ack file of the event at all, or only lines of other events (read from the wrong
@@ -659,6 +695,7 @@ def run_cli(
                 acks,
                 drain_timeout_seconds=drain_timeout_seconds,
                 hold_expiry_timeout_seconds=hold_expiry_timeout_seconds,
+                reap_grace_seconds=reap_grace_seconds,
                 settings=settings,
             )
         finally:

@@ -159,6 +159,12 @@ def audit(
         help="Seconds to wait for the event's active holds to expire (default: --drain-timeout); at least the "
         "longest hold TTL of the run.",
     ),
+    reap_grace: float = typer.Option(
+        5.0,
+        min=0,
+        help="Seconds after its expiry a hold may still be active: past that, the service (boxoffice worker's "
+        "sweeper) failed to reap it, a violation.",
+    ),
 ) -> None:
     """Check a sale: no oversell, no seat sold twice, Redis agrees with PostgreSQL, every ack persisted once.
     Exit 0: pass; 1: a violation; 2: no verdict (acks unreadable or missing, a store unreachable)."""
@@ -171,6 +177,7 @@ def audit(
             acks_file=acks,
             drain_timeout_seconds=drain_timeout,
             hold_expiry_timeout_seconds=hold_expiry_timeout,
+            reap_grace_seconds=reap_grace,
         )
     )
 

@@ -7,6 +7,8 @@ PostgreSQL database.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 
@@ -21,6 +23,7 @@ from service.domain import EventSpec, HoldRequest
 from service.inventory import Inventory
 from service.settings import Settings
 from workers.outbox import OutboxConsumer
+from workers.sweeper import run_sweeper
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +104,28 @@ def checks_failed(report) -> set[str]:
     return {v.check for v in report.violations}
 
 
+@contextlib.asynccontextmanager
+async def sweeper(inventory: Inventory, settings: Settings) -> AsyncIterator[None]:
+    """The worker's expiry sweeper (``workers.sweeper.run_sweeper``), running while the block runs."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_sweeper(inventory, settings, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 async def test_clean_sale_passes(inventory, rclient, pg, private_settings, tmp_path):
     eid, acks = await small_sale(inventory, rclient, pg, private_settings, abandon=True)
     (tmp_path / "w1.jsonl").write_bytes(b"".join(orjson.dumps(a) + b"\n" for a in acks[:2]))
     (tmp_path / "w2.jsonl").write_bytes(b"".join(orjson.dumps(a) + b"\n" for a in acks[2:]) + b"\n")
     assert load_acks(tmp_path, eid) == acks and load_acks(tmp_path, "other-event") == []
 
-    report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=5, settings=private_settings)
+    async with sweeper(
+        inventory, private_settings
+    ):  # the service reaps the abandoned hold, as in a deployment
+        report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=5, settings=private_settings)
 
     assert report.violations == []
     assert report.ok
@@ -124,9 +142,29 @@ async def test_clean_sale_passes(inventory, rclient, pg, private_settings, tmp_p
         0,
         2,
     )
-    assert (report.acks, report.orders, report.unacked_orders, report.holds_reaped) == (2, 2, 0, 1)
+    assert (report.acks, report.orders, report.unacked_orders, report.holds_reaped) == (2, 2, 0, 0)
     assert await rclient.hget(keys.hold(eid, acks[-1]["hold_id"]), "status") == b"expired"
     assert report.write_lag_ms["p99"] >= report.write_lag_ms["p50"] >= 0
+
+
+async def test_an_expired_hold_the_service_never_reaped_fails_the_reaping_check(
+    inventory, rclient, pg, private_settings
+):
+    """No sweeper runs (a deployment without `boxoffice worker`, or its sweeper failing): the abandoned hold
+    is still active after its expiry and the grace. The audit fails the run for it, then reaps it, so the stock
+    checks still run and pass."""
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings, abandon=True)
+
+    report = await audit_event(
+        rclient, pg, eid, acks, drain_timeout_seconds=5, reap_grace_seconds=0.5, settings=private_settings
+    )
+
+    assert checks_failed(report) == {"reaping"}, report.violations
+    (detail,) = [v.detail for v in report.violations]
+    assert detail.startswith("1 expired holds were still active 0.5 s after their expiry"), detail
+    assert report.holds_reaped == 1 and report.active_holds == 0
+    assert await rclient.hget(keys.hold(eid, acks[-1]["hold_id"]), "status") == b"expired"
+    assert {z.zone_id: z.redis_available for z in report.zones} == {"ga": 7, "s": 2}  # its stock came back
 
 
 def test_load_acks_finds_a_locust_runs_files_skips_a_cut_last_line_and_names_a_bad_line(tmp_path):
