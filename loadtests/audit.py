@@ -1,8 +1,8 @@
 """The oversell audit: after a sale, check PostgreSQL, Redis and a load run's acks against each other.
 
-``boxoffice audit --event ID [--acks FILE|DIR] [--drain-timeout S] [--hold-expiry-timeout S]`` runs it and
-exits 1 on any violation (2: no verdict, see ``run_cli``);
-the Locust scenarios run it at ``test_stop``. It reads, and changes nothing but one thing: expired holds
+``boxoffice audit --event ID [--acks FILE|DIR] [--drain-timeout S] [--hold-expiry-timeout S] [--reap-grace S]``
+runs it and exits 1 on any violation (2: no verdict, see ``run_cli``); the Locust scenarios run it at
+``test_stop``. It reads, and changes nothing but one thing: expired holds
 that the service failed to reap in time, it reaps itself (``Inventory.reap``, the sweeper's own call), so that
 the stock checks can still run.
 
@@ -102,7 +102,8 @@ class AuditReport:
     """Orders Redis confirmed that the run never saw a 201 for (informational)."""
     outbox_backlog: int = 0
     holds_reaped: int = 0
-    """Expired holds the audit found unreaped past the grace and reaped itself (each one a ``reaping`` failure)."""
+    """Expired holds found still active past the grace, then reaped by the audit (each one a ``reaping``
+    failure; the sweeper may have got to some of them just before the audit did)."""
     active_holds: int = 0
     acks_checked: bool = True
     """False when the audit was given no acks (``acks=None``): the ``acks`` check was skipped, not passed."""
@@ -170,7 +171,7 @@ class AuditReport:
         )
         console.print(
             f"acks {self.acks}, PostgreSQL orders {self.orders}, confirmed but not acked "
-            f"{self.unacked_orders}, holds reaped by the audit {self.holds_reaped}; {lag_text}"
+            f"{self.unacked_orders}, expired holds left unreaped past the grace {self.holds_reaped}; {lag_text}"
         )
         if self.ok:
             console.print(f"[bold green]PASS[/bold green] {self.event_id}: 0 violations")
@@ -338,33 +339,45 @@ async def _expire_holds(
     redis: aioredis.Redis, inventory: Inventory, event_id: str, timeout_seconds: float, grace_seconds: float
 ) -> HoldsLeft:
     """Wait until no hold of the event is active, or until the next one to expire does so past
-    ``timeout_seconds`` from the start (so at most ``timeout_seconds + grace_seconds``). The service reaps:
-    holds still in the expiry set ``grace_seconds`` after their ``expires_at_ms`` (Redis' clock, as the
-    scripts use) are counted overdue and reaped here."""
+    ``timeout_seconds`` from the start. A hold that has expired is given its grace in full, so the wait ends
+    by ``timeout_seconds + grace_seconds`` (plus a poll). The service reaps: holds still in the expiry set
+    ``grace_seconds`` after their ``expires_at_ms`` (Redis' clock, as the scripts use) are counted overdue,
+    and reaped here."""
     started = time.monotonic()
     deadline = started + timeout_seconds
     grace_ms = int(grace_seconds * 1000)
     expiry = keys.expiry(event_id)
     overdue: set[bytes] = set()
     most_overdue_ms = 0
+
+    async def left(until_expiry: float) -> HoldsLeft:
+        active = await redis.zcard(expiry)
+        return HoldsLeft(active, time.monotonic() - started, until_expiry, len(overdue), most_overdue_ms)
+
     while True:
         now_ms = await _redis_now_ms(redis)
         late = await redis.zrangebyscore(expiry, "-inf", now_ms - grace_ms, withscores=True)
         if late:
             overdue.update(m for m, _ in late)
             most_overdue_ms = max(most_overdue_ms, now_ms - int(late[0][1]))
-            await inventory.reap(event_id)
+            if await inventory.reap(event_id):
+                continue
+            # Nothing was reaped: the scripts' clock (the event's node) is behind the one read above (on a
+            # Redis Cluster, TIME may come from another node). Poll, as for a hold within its grace.
+            if time.monotonic() > deadline + grace_seconds:
+                return await left(0.0)
+            await asyncio.sleep(POLL_SECONDS)
             continue
         first = await redis.zrange(expiry, 0, 0, withscores=True)
         if not first:
             return HoldsLeft(0, time.monotonic() - started, 0.0, len(overdue), most_overdue_ms)
         until_expiry = (first[0][1] - now_ms) / 1000
-        if time.monotonic() + max(until_expiry, 0) > deadline:  # it does not expire within the wait
-            active = await redis.zcard(expiry)
-            return HoldsLeft(
-                active, time.monotonic() - started, max(until_expiry, 0.0), len(overdue), most_overdue_ms
-            )
-        # it expires in time: wait for that, then poll while the service has the grace to reap it
+        if (
+            until_expiry > 0 and time.monotonic() + until_expiry > deadline
+        ):  # it does not expire within the wait
+            return await left(until_expiry)
+        # it expires within the wait: sleep until then; once expired, poll while the service has the grace to
+        # reap it (it then leaves the expiry set, or turns up in ``late`` above)
         await asyncio.sleep(min(max(until_expiry + 0.01, POLL_SECONDS), 1.0))
 
 
@@ -418,8 +431,8 @@ async def audit_event(
         report.add(
             "reaping",
             f"{left.overdue} expired holds were still active {reap_grace_seconds:g} s after their expiry (one "
-            f"{left.most_overdue_ms / 1000:.1f} s after): nothing reaped them (is `boxoffice worker` running, "
-            "its sweeper failing?); the audit reaped them",
+            f"{left.most_overdue_ms / 1000:.1f} s after): the service did not reap them in time (is `boxoffice "
+            "worker` running, its sweeper failing?); the audit then reaped them for the checks below",
         )
     report.outbox_backlog = await drain(redis, event_id, drain_timeout_seconds)
     if report.outbox_backlog:

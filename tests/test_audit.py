@@ -147,6 +147,24 @@ async def test_clean_sale_passes(inventory, rclient, pg, private_settings, tmp_p
     assert report.write_lag_ms["p99"] >= report.write_lag_ms["p50"] >= 0
 
 
+async def test_a_hold_expiring_just_before_the_expiry_timeout_still_gets_its_reap_grace(
+    inventory, rclient, pg, private_settings
+):
+    """The abandoned hold (TTL 1 s) expires just before the audit's 1-s wait for TTLs ends; a slow sweeper
+    (every 1.5 s) reaps it after that wait but well within the grace: the run passes, with nothing left active
+    and nothing reaped by the audit."""
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings, abandon=True)
+    slow = private_settings.model_copy(update={"sweeper_interval_seconds": 1.5})
+
+    async with sweeper(Inventory(rclient, slow), slow):
+        report = await audit_event(
+            rclient, pg, eid, acks, drain_timeout_seconds=5, hold_expiry_timeout_seconds=1, settings=slow
+        )
+
+    assert report.violations == []
+    assert (report.active_holds, report.holds_reaped) == (0, 0)
+
+
 async def test_an_expired_hold_the_service_never_reaped_fails_the_reaping_check(
     inventory, rclient, pg, private_settings
 ):
@@ -156,7 +174,14 @@ async def test_an_expired_hold_the_service_never_reaped_fails_the_reaping_check(
     eid, acks = await small_sale(inventory, rclient, pg, private_settings, abandon=True)
 
     report = await audit_event(
-        rclient, pg, eid, acks, drain_timeout_seconds=5, reap_grace_seconds=0.5, settings=private_settings
+        rclient,
+        pg,
+        eid,
+        acks,
+        drain_timeout_seconds=5,
+        hold_expiry_timeout_seconds=1,  # the hold expires within it: its grace counts, not this wait
+        reap_grace_seconds=0.5,
+        settings=private_settings,
     )
 
     assert checks_failed(report) == {"reaping"}, report.violations
@@ -413,3 +438,45 @@ def test_acks_of_an_earlier_sale_of_a_created_event_id_are_moved_aside(tmp_path)
     assert moved is not None and moved.name.startswith("rehearsal.stale-")
     assert (moved / "host-1.jsonl").exists() and not (tmp_path / "rehearsal").exists()
     assert ack_files(tmp_path, "rehearsal") == []
+
+
+def test_the_cli_reap_grace_defaults_to_the_audits_own():
+    import inspect
+
+    from loadtests.audit import REAP_GRACE_SECONDS
+    from service.cli import audit
+
+    assert inspect.signature(audit).parameters["reap_grace"].default.default == REAP_GRACE_SECONDS
+
+
+async def test_a_clock_ahead_of_the_scripts_one_does_not_spin_past_the_wait(
+    inventory, rclient, pg, private_settings, monkeypatch
+):
+    """On a Redis Cluster the audit's TIME may come from another node than the event's. Read 4.5 s ahead, a
+    5-s hold looks overdue while the scripts, on the event's clock, reap nothing: the audit polls and gives up
+    at its wait + grace (~1.5 s here) instead of calling reap in a tight loop until the hold really expires."""
+    from loadtests import audit as audit_module
+
+    real_now_ms = audit_module._redis_now_ms
+
+    async def ahead(redis):
+        return await real_now_ms(redis) + 4500
+
+    monkeypatch.setattr(audit_module, "_redis_now_ms", ahead)
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings)
+    await hold(inventory, eid, "skewed", [{"zone_id": "ga", "quantity": 1}], ttl=5)
+
+    report = await asyncio.wait_for(
+        audit_event(
+            rclient,
+            pg,
+            eid,
+            acks,
+            drain_timeout_seconds=1,
+            hold_expiry_timeout_seconds=1,
+            reap_grace_seconds=0.5,
+            settings=private_settings,
+        ),
+        timeout=3.5,  # the hold expires 5 s after it was made: a loop that waits for that fails here
+    )
+    assert report.active_holds == 1 and {"reaping", "holds"} <= checks_failed(report)
