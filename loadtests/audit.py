@@ -52,6 +52,7 @@ from service.settings import Settings
 from service.slots import SlotClients
 
 POLL_SECONDS = 0.1
+FINAL_POLL_SECONDS = 0.5
 REAP_GRACE_SECONDS = 5.0
 """How long after its expiry a hold may still be active before the ``reaping`` check fails: the worker's sweeper
 runs every ``sweeper_interval_seconds`` (0.25 s by default)."""
@@ -317,16 +318,21 @@ async def outbox_backlog(redis: aioredis.Redis, event_id: str) -> int:
     return backlog
 
 
-async def _redis_now_ms(redis: aioredis.Redis) -> int:
-    seconds, micros = await redis.time()
-    return seconds * 1000 + micros // 1000
+_NOW_MS = "local t = redis.call('TIME') return t[1] * 1000 + math.floor(t[2] / 1000)"
+
+
+async def _redis_now_ms(redis: aioredis.Redis, event_id: str) -> int:
+    """The clock the event's scripts read (``now_ms`` in ``lua/includes/common.lua``): TIME on the Redis that
+    holds the event, reached through one of its keys (on a Redis Cluster a plain TIME goes to any node)."""
+    return int(await redis.eval(_NOW_MS, 1, keys.meta(event_id)))
 
 
 @dataclass
 class HoldsLeft:
     """What ``_expire_holds`` left: holds still active at the end, seconds waited, the seconds until the next
-    of the active ones expires (0 if none), and the holds found unreaped past the grace (the audit reaped them),
-    with the longest time past its expiry that one of them was seen active (ms, by Redis' clock)."""
+    of the active ones expires (0 if none, or if it has expired and was still within its grace), and the holds
+    found unreaped past the grace (then reaped by the audit), with the longest time past its expiry that one of
+    them was seen active (ms, by the event's Redis clock)."""
 
     active: int
     waited_seconds: float
@@ -338,47 +344,45 @@ class HoldsLeft:
 async def _expire_holds(
     redis: aioredis.Redis, inventory: Inventory, event_id: str, timeout_seconds: float, grace_seconds: float
 ) -> HoldsLeft:
-    """Wait until no hold of the event is active, or until the next one to expire does so past
-    ``timeout_seconds`` from the start. A hold that has expired is given its grace in full, so the wait ends
-    by ``timeout_seconds + grace_seconds`` (plus a poll). The service reaps: holds still in the expiry set
-    ``grace_seconds`` after their ``expires_at_ms`` (Redis' clock, as the scripts use) are counted overdue,
-    and reaped here."""
+    """Wait for the holds that expire within ``timeout_seconds`` (on the event's Redis clock, from the start)
+    to be reaped by the service, each with ``grace_seconds`` after its expiry; those still in the expiry set
+    then are counted overdue, and reaped here. Holds that expire later (a longer TTL, or a sale still making
+    holds) are left active. The wait ends by ``timeout_seconds + grace_seconds`` plus ``FINAL_POLL_SECONDS``
+    (the time to see a hold expiring at the very end of the wait turn overdue) whatever happens meanwhile."""
     started = time.monotonic()
-    deadline = started + timeout_seconds
+    hard_deadline = started + timeout_seconds + grace_seconds + FINAL_POLL_SECONDS
     grace_ms = int(grace_seconds * 1000)
     expiry = keys.expiry(event_id)
+    cutoff_ms = await _redis_now_ms(redis, event_id) + int(timeout_seconds * 1000)
     overdue: set[bytes] = set()
     most_overdue_ms = 0
 
-    async def left(until_expiry: float) -> HoldsLeft:
+    async def left() -> HoldsLeft:
         active = await redis.zcard(expiry)
-        return HoldsLeft(active, time.monotonic() - started, until_expiry, len(overdue), most_overdue_ms)
+        first = await redis.zrange(expiry, 0, 0, withscores=True)
+        until = max((first[0][1] - await _redis_now_ms(redis, event_id)) / 1000, 0.0) if first else 0.0
+        return HoldsLeft(active, time.monotonic() - started, until, len(overdue), most_overdue_ms)
 
-    while True:
-        now_ms = await _redis_now_ms(redis)
+    while time.monotonic() <= hard_deadline:
+        now_ms = await _redis_now_ms(redis, event_id)
         late = await redis.zrangebyscore(expiry, "-inf", now_ms - grace_ms, withscores=True)
         if late:
-            overdue.update(m for m, _ in late)
-            most_overdue_ms = max(most_overdue_ms, now_ms - int(late[0][1]))
-            if await inventory.reap(event_id):
+            reaped = await inventory.reap(event_id)
+            if reaped or await redis.zscore(expiry, late[0][0]) is None:  # gone: overdue when seen
+                overdue.update(m for m, _ in late)
+                most_overdue_ms = max(most_overdue_ms, now_ms - int(late[0][1]))
                 continue
-            # Nothing was reaped: the scripts' clock (the event's node) is behind the one read above (on a
-            # Redis Cluster, TIME may come from another node). Poll, as for a hold within its grace.
-            if time.monotonic() > deadline + grace_seconds:
-                return await left(0.0)
+            # Still there after a reap on the same clock: that clock went back meanwhile. Poll.
             await asyncio.sleep(POLL_SECONDS)
             continue
-        first = await redis.zrange(expiry, 0, 0, withscores=True)
-        if not first:
-            return HoldsLeft(0, time.monotonic() - started, 0.0, len(overdue), most_overdue_ms)
+        first = await redis.zrangebyscore(expiry, "-inf", cutoff_ms, start=0, num=1, withscores=True)
+        if not first:  # nothing left that expires within the wait
+            return await left()
+        # sleep until it expires; once it has, poll while the service has the grace to reap it (it then
+        # leaves the expiry set, or turns up in ``late`` above)
         until_expiry = (first[0][1] - now_ms) / 1000
-        if (
-            until_expiry > 0 and time.monotonic() + until_expiry > deadline
-        ):  # it does not expire within the wait
-            return await left(until_expiry)
-        # it expires within the wait: sleep until then; once expired, poll while the service has the grace to
-        # reap it (it then leaves the expiry set, or turns up in ``late`` above)
         await asyncio.sleep(min(max(until_expiry + 0.01, POLL_SECONDS), 1.0))
+    return await left()
 
 
 async def drain(redis: aioredis.Redis, event_id: str, timeout_seconds: float) -> int:
@@ -541,15 +545,17 @@ async def audit_event(
                 f"{cap - za.redis_sold}",
             )
     if report.active_holds:  # first of its check: it explains the zones' held counts above
-        report.violations.insert(
-            0,
-            Violation(
-                "holds",
-                f"{report.active_holds} holds still active: the next expires in {left.next_expiry_seconds:.1f} s, "
-                f"past the {expiry_timeout:g} s the audit may wait for TTLs (waited {left.waited_seconds:.1f} s; "
-                "--hold-expiry-timeout)",
-            ),
-        )
+        if left.next_expiry_seconds > 0:
+            why = (
+                f"the next expires in {left.next_expiry_seconds:.1f} s, past the {expiry_timeout:g} s the audit "
+                f"may wait for TTLs (waited {left.waited_seconds:.1f} s; --hold-expiry-timeout)"
+            )
+        else:
+            why = (
+                f"holds kept expiring until the audit's wait ended (waited {left.waited_seconds:.1f} s): is the "
+                "sale still running?"
+            )
+        report.violations.insert(0, Violation("holds", f"{report.active_holds} holds still active: {why}"))
 
     # Seats: one order per seat in PostgreSQL; Redis owners agree both ways
     for (z, seat), ids in pg_seat_orders.items():

@@ -13,8 +13,8 @@ Each user, 1-3 s apart: reads availability (weight 10), pages through a seat map
 100 seats, any status or only available ones, from a random place), reads the event (weight 2), or buys
 (weight 1): holds 1-4 tickets (seats, or general admission when the event has such a zone), then confirms
 (60 %) or releases (40 %) after a short think time. Only the holds of users stopped in their think time are
-left to expire: the audit at ``test_stop`` waits for them (at most ``--hold-ttl`` + 10 s, and for the service
-to reap them, the audit's reap grace of 5 s more).
+left to expire: the audit at ``test_stop`` waits for them (at most ``--audit-drain-timeout`` or ``--hold-ttl``
++ 10 s, whichever is longer, and for the service to reap them, the audit's reap grace of 5 s more).
 """
 
 from __future__ import annotations
