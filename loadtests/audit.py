@@ -2,17 +2,17 @@
 
 ``boxoffice audit --event ID [--acks FILE|DIR] [--drain-timeout S] [--hold-expiry-timeout S] [--reap-grace S]``
 runs it and exits 1 on any violation (2: no verdict, see ``run_cli``); the Locust scenarios run it at
-``test_stop``. It reads, and changes nothing but one thing: expired holds
-that the service failed to reap in time, it reaps itself (``Inventory.reap``, the sweeper's own call), so that
-the stock checks can still run.
+``test_stop``. It reads, and changes nothing but one thing: expired holds that the service failed to reap in
+time, it reaps itself (``Inventory.reap``, the sweeper's own call), so that the stock checks can still run.
 
 Order of work, each wait bounded:
 
-1. Holds: wait until the event has no active hold (``expiry`` zset empty), for TTLs to pass, for at most
-   ``hold_expiry_timeout_seconds`` (default: ``drain_timeout_seconds``) plus the reap grace. Reaping
-   expired holds is the service's job (``boxoffice worker``'s sweeper, every 0.25 s, and the scripts
-   themselves): a hold still active ``reap_grace_seconds`` (default 5) after its expiry fails the
-   ``reaping`` check, and then the audit reaps it.
+1. Holds: wait for the holds that expire within ``hold_expiry_timeout_seconds`` (default:
+   ``drain_timeout_seconds``) to be reaped, each with the reap grace after its expiry (so at most that
+   timeout + the grace + 0.5 s); a hold expiring later is reported still active. Reaping expired holds is
+   the service's job (``boxoffice worker``'s sweeper, every 0.25 s, and the scripts themselves): a hold
+   still active ``reap_grace_seconds`` (default 5) after its expiry fails the ``reaping`` check, and then
+   the audit reaps it.
 2. Write-through: wait until the event's outbox has no backlog (no entry undelivered to a consumer group
    and none pending; or the stream is empty), for at most ``drain_timeout_seconds``.
 3. Snapshot Redis (zone counters, seat owners) and PostgreSQL (orders, order_items, zones.sold,

@@ -755,7 +755,7 @@ def measure_mode(
         )
         started.append(api)
         worker = boxoffice("worker", env=env, log_path=workdir / f"worker-{mode}.log")
-        started.insert(0, worker)  # stopped first: it stops taking the API's write-through jobs
+        started.insert(0, worker)  # stopped first, then the API, as always
         redis_pid = int(redis.Redis.from_url(settings.redis_url).info("server")["process_id"])
         groups = {
             "api": lambda: process_tree(api.pid),

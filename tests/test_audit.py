@@ -122,9 +122,8 @@ async def test_clean_sale_passes(inventory, rclient, pg, private_settings, tmp_p
     (tmp_path / "w2.jsonl").write_bytes(b"".join(orjson.dumps(a) + b"\n" for a in acks[2:]) + b"\n")
     assert load_acks(tmp_path, eid) == acks and load_acks(tmp_path, "other-event") == []
 
-    async with sweeper(
-        inventory, private_settings
-    ):  # the service reaps the abandoned hold, as in a deployment
+    # the service (the worker's sweeper) reaps the abandoned hold, as in a deployment
+    async with sweeper(inventory, private_settings):
         report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=5, settings=private_settings)
 
     assert report.violations == []
@@ -454,7 +453,7 @@ async def test_a_clock_ahead_of_the_scripts_one_does_not_spin_nor_blame_the_serv
 ):
     """The audit reads the event's own Redis clock, the one its scripts use; were it to read a clock 4.5 s
     ahead of theirs, a 5-s hold would look overdue while a reap, on the scripts' clock, finds nothing to do.
-    The audit then polls and gives up at its wait + grace (~1.5 s here), instead of calling reap in a tight
+    The audit then polls and gives up at its wait + grace + 0.5 s (~2 s here), instead of calling reap in a tight
     loop until the hold really expires, and does not count the hold as left unreaped by the service."""
     from loadtests import audit as audit_module
 
@@ -524,6 +523,6 @@ async def test_the_wait_for_holds_ends_while_a_sale_keeps_making_holds(
     finally:
         stop.set()
         await maker
-    assert waited < 6, waited  # 1 s + 1 s grace + a poll, and the snapshot's reads
+    assert waited < 6, waited  # 1 s + 1 s grace + 0.5 s, and the snapshot's reads
     assert "reaping" not in checks_failed(report), report.violations
     assert report.active_holds > 0 and report.holds_reaped == 0
