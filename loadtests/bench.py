@@ -310,6 +310,9 @@ class Measure:
     cpu_us_total: float | None = None
     """CPU time per request of all the groups: in one run, their sum (the default); over runs, the median of
     each run's sum (not the sum of the per-group medians)."""
+    idle_pct: float | None = None
+    """Share of the machine's CPU time left idle during the run, percent (``/proc/stat``; over runs, the
+    median). Where it is above 0, the run was not CPU-bound: its rate is below its CPU-bound ceiling."""
 
     def __post_init__(self) -> None:
         if self.cpu_us_total is None:
@@ -328,6 +331,24 @@ def _stat(pid: int) -> tuple[int, float] | None:
     except (OSError, IndexError):
         return None
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def machine_times() -> tuple[int, int] | None:
+    """(idle, total) CPU time of the whole machine so far, in clock ticks: the ``cpu`` line of ``/proc/stat``
+    (idle counts idle and iowait; https://docs.kernel.org/filesystems/proc.html). None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields[:8])  # user nice system idle iowait irq softirq steal
+
+
+def idle_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Percent of the machine's CPU time spent idle between two ``machine_times`` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _all_pids() -> list[int]:
@@ -388,9 +409,9 @@ def wrk(
     ]
     groups = groups or {}
     before = {name: {pid: st[1] for pid in fn() if (st := _stat(pid))} for name, fn in groups.items()}
-    t0 = os.times()
+    t0, machine0 = os.times(), machine_times()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    t1 = os.times()
+    t1, machine1 = os.times(), machine_times()
     used = {}
     for name, fn in groups.items():  # a process started during the run counts from zero
         after = {pid: st[1] for pid in fn() if (st := _stat(pid))}
@@ -420,6 +441,7 @@ def wrk(
         statuses={k[1:]: d[k] for k in ("s200", "s201", "s409", "sother") if d[k]},
         errors={k: d[k] for k in ("connect", "read", "write", "timeout") if d[k]},
         cpu_us_per_request={k: v / max(d["requests"], 1) * 1e6 for k, v in used.items()},
+        idle_pct=idle_pct(machine0, machine1),
     )
 
 
@@ -796,7 +818,8 @@ def measure_mode(
                 log(
                     f"  auto_pipeline={mode:<3} c={c:<5} {route:<13} {m.rps:8.0f} req/s  ok {m.ok_rps:8.0f}/s  "
                     f"p50 {m.p50_ms:6.1f}  p95 {m.p95_ms:6.1f}  p99 {m.p99_ms:6.1f} ms  {m.statuses} {m.errors}  "
-                    f"CPU us/req {_cpu_text(m.cpu_us_per_request)}"
+                    f"CPU us/req {_cpu_text(m.cpu_us_per_request)}; machine idle "
+                    + (f"{m.idle_pct:.1f} %" if m.idle_pct is not None else "-")
                 )
                 return m
 
@@ -932,6 +955,9 @@ def _median_measures(runs: list[list[Measure]]) -> list[Measure]:
                 errors=_sum_counts([m.errors for m in ms]),
                 cpu_us_per_request=cpu,
                 cpu_us_total=statistics.median(m.cpu_us_total for m in ms) if cpu else None,
+                idle_pct=statistics.median(m.idle_pct for m in ms if m.idle_pct is not None)
+                if any(m.idle_pct is not None for m in ms)
+                else None,
                 **med,
             )
         )
@@ -1066,14 +1092,16 @@ def render(report: dict[str, Any]) -> None:
     console.print(t)
     groups = ("api", "redis", "worker", "postgres", "wrk")
     ct = Table(
-        title="CPU time per request, microseconds (user + system, from /proc; 2 cores = 2,000,000 us/s)"
+        title="CPU time per request, microseconds (user + system, from /proc; 2 cores = 2,000,000 us/s); "
+        "idle %: the machine's CPU time left idle during the run (/proc/stat)"
     )
-    for col in ("route", "auto-pipeline", "clients", *groups, "total", "CPU-bound ceiling req/s"):
+    for col in ("route", "auto-pipeline", "clients", *groups, "total", "CPU-bound ceiling req/s", "idle %"):
         ct.add_column(col, justify="left" if col == "route" else "right")
     for x in report["measures"]:
         cpu = x["cpu_us_per_request"]
         total = x["cpu_us_total"]
         ceiling = f"{int(m['nproc']) * 1e6 / total:.0f}" if total else "-"
+        idle = x.get("idle_pct")
         ct.add_row(
             x["route"],
             "on" if x["auto_pipeline"] else "off",
@@ -1081,6 +1109,7 @@ def render(report: dict[str, Any]) -> None:
             *(f"{cpu.get(g, 0):.0f}" for g in groups),
             f"{total:.0f}",
             ceiling,
+            f"{idle:.1f}" if idle is not None else "-",
         )
     console.print(ct)
     s = report["summary"]

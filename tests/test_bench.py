@@ -163,7 +163,7 @@ def test_counts_over_runs_are_medians_but_errors_are_totals_and_the_cpu_total_is
     render(report)
     out = capsys.readouterr().out
     holds_cpu_row = next(ln for ln in out.splitlines() if ln.startswith("│ holds") and "wrk" not in ln)
-    assert holds_cpu_row.split("│")[-3].strip() == "100"  # the CPU table's total column
+    assert holds_cpu_row.split("│")[-4].strip() == "100"  # the CPU table's total column
     assert '{"201": 1998, "409": 2}' in out
 
 
@@ -377,3 +377,33 @@ def test_a_second_signal_during_the_cleanup_does_not_cut_it_short(monkeypatch):
     monkeypatch.setattr(bench, "_run", run_then_clean_up)
     assert bench.run_cli(Settings(redis_url=None, database_url=None)) == 130
     assert cleaned == ["api stopped, database dropped"]
+
+
+def test_the_machines_idle_share_of_a_run_comes_from_proc_stat_and_over_runs_is_the_median(tmp_path):
+    from loadtests.bench import _median_measures, idle_pct, machine_times
+
+    # user nice system idle iowait irq softirq steal: 1,000 ticks of which 60 idle and 20 iowait
+    assert idle_pct((100, 1000), (180, 2000)) == 8.0
+    assert idle_pct(None, (1, 2)) is None and idle_pct((5, 10), (5, 10)) is None
+    before = machine_times()
+    assert before is not None and 0 <= before[0] <= before[1]  # this machine's own /proc/stat
+    sum(range(2_000_000))  # some CPU time passes
+    share = idle_pct(before, machine_times())
+    assert share is None or 0.0 <= share <= 100.0
+
+    runs = []
+    for idle in (3.0, 9.0, 5.0):
+        m = _m("holds", 100, 10_000)
+        m.idle_pct = idle
+        runs.append([m])
+    (med,) = _median_measures(runs)
+    assert med.idle_pct == 5.0
+
+
+def test_the_cpu_table_shows_each_runs_idle_share(capsys):
+    m = _m("holds", 100, 10_000)
+    m.idle_pct = 6.25
+    render(_report([[m]], [100]))
+    out = capsys.readouterr().out.splitlines()
+    cpu_row = next(ln for ln in out if ln.startswith("│ holds") and "wrk" not in ln)
+    assert cpu_row.split("│")[-2].strip() == "6.2"  # the CPU table's last column
