@@ -51,6 +51,8 @@ Progress = Callable[[str, int, int], None]
 
 STEPS = 6
 CATALOG_LOCK_WAIT_SECONDS = 60.0
+REBUILD_LOCK = "boxoffice.rebuild:{}"
+"""The per-event PostgreSQL advisory lock (key text, hashed) one rebuild holds, so that a second one refuses."""
 """How long a rebuild waits for another change of the event's catalog state (``catalog.event_lock``)."""
 
 
@@ -99,7 +101,7 @@ async def rebuild_event(
     busy = DomainError(
         "event_exists", message="Another rebuild of this event is running.", details={"event_id": event_id}
     )
-    async with catalog.advisory_lock(pg, f"boxoffice.rebuild:{event_id}", wait_seconds=0, busy=lambda: busy):
+    async with catalog.advisory_lock(pg, REBUILD_LOCK.format(event_id), wait_seconds=0, busy=lambda: busy):
         # and the catalog lock (service/catalog.py), so a pause or resume waits and applies after it
         async with catalog.event_lock(pg, event_id, wait_seconds=CATALOG_LOCK_WAIT_SECONDS) as conn:
             return await _rebuild_locked(

@@ -14,7 +14,7 @@ from conftest import ADMIN, event_body, running_app
 from service import db, keys
 from service.errors import DomainError
 from service.inventory import Inventory
-from service.rebuild import STEPS, rebuild_event, run_cli
+from service.rebuild import REBUILD_LOCK, STEPS, rebuild_event, run_cli
 from service.settings import Settings
 from workers.outbox import OutboxConsumer
 from workers.reconcile import reconcile_event
@@ -220,11 +220,12 @@ async def test_a_rebuild_refuses_while_another_holds_the_event(scratch):
     client, inventory, pg, settings, write_through = scratch
     eid = await create(client)
     await inventory.unload_event(eid)
-    async with pg.acquire() as other:  # another rebuild's lock (service/rebuild.py)
-        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", f"boxoffice.rebuild:{eid}")
+    key = REBUILD_LOCK.format(eid)
+    async with pg.acquire() as other:  # another rebuild's lock, taken by another session
+        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
         with pytest.raises(DomainError) as exc:
             await rebuild_event(inventory, pg, eid, resume=False)
         assert exc.value.code == "event_exists" and "Another rebuild" in exc.value.message
         assert not await inventory.event_exists(eid)
-        await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", f"boxoffice.rebuild:{eid}")
+        await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
     assert (await rebuild_event(inventory, pg, eid, resume=False)).status == "paused"
