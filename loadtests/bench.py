@@ -24,10 +24,10 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
 Every event is new (``bench-...``), so one run never reaps another's holds. The holds of a holds run (TTL: the
 run's duration + 1 s) expire and are reaped after it, outside the timing: the bench waits until the last of them
 has expired (the highest score of the event's expiry set, on Redis's clock), reaps them and checks that none is
-left before the next load run starts. The worker's reconciliation cron job is set to once an
-hour so it does not land inside a load run. CPU time per request of each process group (API, Redis, worker,
-PostgreSQL backends, wrk) is read from /proc around each run. Tools are named in the
-output next to each figure; the report starts with the machine (CPU, versions) and a Python speed gauge.
+left before the next load run starts. The worker runs no reconciliation cron job
+(``BOXOFFICE_RECONCILE_INTERVAL_SECONDS=0``), which would land inside a load run. CPU time per request of each
+process group (API, Redis, worker, PostgreSQL backends, wrk) is read from /proc around each run. Tools are named
+in the output next to each figure; the report starts with the machine (CPU, versions) and a Python speed gauge.
 ``wrk`` and ``redis-benchmark`` are required (Debian: ``apt-get install -y wrk redis-tools``).
 
 Loopback only: ``DATABASE_URL`` must name a server on this machine (the bench refuses another); the API and
@@ -76,8 +76,9 @@ ROUTES = ("healthz", "holds", "confirm", "availability", "seats")
 CHILD_SETTINGS = {
     "BOXOFFICE_HOST": "127.0.0.1",  # the API (and a worker's /metrics, were it on) bind loopback only
     "BOXOFFICE_LOG_LEVEL": "WARNING",
-    # the worker's reconciliation pass (a cron job) would land inside some load runs: once an hour at most
-    "BOXOFFICE_RECONCILE_INTERVAL_SECONDS": "3600",
+    # no reconciliation cron job: a pass reads every hold record of every event, and would land inside a load
+    # run (hourly was not off: a bench running at minute 0 had one, in a load run at 22:00 UTC, 2026-12-04)
+    "BOXOFFICE_RECONCILE_INTERVAL_SECONDS": "0",
 }
 """Set for ``boxoffice serve`` and ``boxoffice worker`` whatever the caller's environment says; ``measure_mode``
 adds the servers' URLs, the admin token, ``BOXOFFICE_AUTO_PIPELINE`` and ``PROMETHEUS_MULTIPROC_DIR``."""

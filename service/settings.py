@@ -93,11 +93,13 @@ class Settings(BaseSettings):
     before the connection's stall watchdog gives up on it)."""
 
     # Ops
-    reconcile_interval_seconds: int = Field(default=30, ge=1)
+    reconcile_interval_seconds: int = Field(default=30, ge=0)
+    """Cron period, aligned on the clock (``workers.main.every``): past a minute, whole minutes (rounded down),
+    at most hourly (at minute 0). 0: no cron job, the worker never reconciles (``boxoffice reconcile`` still
+    does); for benchmarks, whose load runs a check would land in."""
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """``boxoffice worker`` serves its own ``/metrics`` on ``host``:this port (the outbox, write-through, dead
     letters and drift are counted there); unset: only through a ``PROMETHEUS_MULTIPROC_DIR`` the API shares."""
-    """Cron period, aligned on the clock (``workers.main.every``): past a minute, whole minutes (rounded down)."""
     metrics_dir: str | None = Field(
         default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "BOXOFFICE_METRICS_DIR")
     )

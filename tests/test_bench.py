@@ -4,6 +4,7 @@ RESULTS.md; the expiry wait is tried on a throw-away redis-server)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -226,6 +227,22 @@ def test_the_children_bind_and_talk_loopback_only_whatever_the_caller_set():
         assert dropped not in env
     assert env["PATH"] == "/usr/bin" and env["BOXOFFICE_WEB_WORKERS"] == "4"
     assert "example.com" not in json.dumps(env)
+
+
+def test_the_worker_the_bench_starts_runs_no_reconciliation_cron_job(monkeypatch):
+    """A reconciliation pass reads every hold record of every event: in a load run it is part of no route's
+    cost. Hourly was not off (the cron runs at minute 0; one landed in a load run at 22:00 UTC), so the
+    bench's worker must have no cron job at all, whatever the caller set."""
+    from workers.main import schedule
+
+    caller = {"BOXOFFICE_RECONCILE_INTERVAL_SECONDS": "30"}
+    env = child_env(caller, {})
+    for name in [k for k in os.environ if k.upper().startswith("BOXOFFICE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.upper().startswith("BOXOFFICE_"):
+            monkeypatch.setenv(name, value)
+    assert schedule(Settings(redis_url=None, database_url=None)) == []
 
 
 def test_the_report_names_the_inherited_settings_that_differ_from_the_defaults():

@@ -18,11 +18,13 @@ import httpx
 import orjson
 import pytest
 from conftest import ADMIN, event_body, free_port
+from pydantic import ValidationError
 
 from service import catalog, db, keys, metrics
 from service.app import create_app
 from service.domain import EventSpec, HoldRequest
 from service.inventory import new_id
+from service.settings import Settings
 from workers import outbox
 from workers.outbox import GROUP, PG_UNAVAILABLE, OutboxConsumer, write_batch
 from workers.reconcile import redrive_outbox
@@ -477,6 +479,17 @@ async def test_reconcile_cron_job_runs_off_the_worker_loop(pg, inventory, privat
     assert result["events"] >= 1
     assert main.every(30) == {"second": {0, 30}}
     assert main.every(120) == {"minute": set(range(0, 60, 2)), "second": {0}}
+
+
+def test_a_reconcile_interval_of_0_schedules_no_cron_job(private_settings):
+    from workers import main
+
+    [job] = main.schedule(private_settings.model_copy(update={"reconcile_interval_seconds": 30}))
+    assert job.name == "reconcile" and job.second == {0, 30}
+    off = Settings(redis_url=None, database_url=None, reconcile_interval_seconds=0)  # validated: 0 is allowed
+    assert main.schedule(off) == []
+    with pytest.raises(ValidationError):
+        Settings(redis_url=None, database_url=None, reconcile_interval_seconds=-1)
 
 
 async def test_a_refused_entry_does_not_hide_another_events_entry_of_the_same_id(pg, inventory):

@@ -61,6 +61,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         asyncio.create_task(run_sweeper(inventory, settings, stop), name="sweeper"),
     ]
     log.info("worker started: outbox consumer %s", outbox.name)
+    if settings.reconcile_interval_seconds == 0:
+        log.info("no reconciliation cron job (reconcile_interval_seconds=0): run `boxoffice reconcile`")
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -160,7 +162,9 @@ def every(seconds: int) -> dict[str, set[int]]:
 
 
 def schedule(settings: Settings) -> list[CronJob]:
-    """The cron jobs: reconciliation every ``reconcile_interval_seconds``."""
+    """The cron jobs: reconciliation every ``reconcile_interval_seconds``; none when that is 0."""
+    if settings.reconcile_interval_seconds == 0:
+        return []
     return [cron(reconcile, name="reconcile", **every(settings.reconcile_interval_seconds))]
 
 
