@@ -186,7 +186,9 @@ def audit(
 def bench(
     duration: float = typer.Option(5.0, help="Seconds per load run (each route, each concurrency)."),
     runs: int = typer.Option(1, help="Repeat everything this often; medians are reported."),
-    clients: str = typer.Option("100,1000", help="Concurrent connections, comma-separated."),
+    clients: str | None = typer.Option(
+        None, help="Concurrent connections, comma-separated (default: 100,200,1000, bench.DEFAULT_CLIENTS)."
+    ),
     modes: str = typer.Option("on,off", help="BOXOFFICE_AUTO_PIPELINE modes to measure: on, off or on,off."),
     json_path: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
 ) -> None:
@@ -198,7 +200,7 @@ def bench(
             resolve_settings(),
             duration_seconds=duration,
             runs=runs,
-            clients=[int(c) for c in clients.split(",") if c.strip()],
+            clients=[int(c) for c in clients.split(",") if c.strip()] if clients else None,
             modes=[m.strip() == "on" for m in modes.split(",") if m.strip()],
             json_path=json_path,
         )

@@ -70,6 +70,17 @@ def test_every_command_has_help(cli_env):
         assert r.exit_code == 0 and "Usage" in r.output, cmd
 
 
+def test_bench_measures_at_the_default_concurrencies_unless_told(cli_env, monkeypatch):
+    from loadtests import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "run_cli", lambda settings, **kw: seen.append(kw["clients"]) or 0)
+    assert cli_env.invoke(app, ["bench"]).exit_code == 0
+    assert cli_env.invoke(app, ["bench", "--clients", "50, 400"]).exit_code == 0
+    assert seen == [None, [50, 400]]  # None: run_cli takes bench.DEFAULT_CLIENTS
+    assert bench.DEFAULT_CLIENTS == (100, 200, 1000)
+
+
 @pytest.mark.parametrize("command", ["show", "pause", "resume"])
 def test_event_commands_on_an_unknown_event_say_so(cli_env, command):
     r = cli_env.invoke(app, ["event", command, "no-such-event"])
