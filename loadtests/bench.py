@@ -6,7 +6,7 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
   ``boxoffice_bench_<pid>`` on the configured server (migrated, dropped at the end);
 * for each ``BOXOFFICE_AUTO_PIPELINE`` mode (``true`` / ``false``): ``boxoffice serve --workers 2`` and
   ``boxoffice worker`` as child processes on a free port, and ``wrk`` (2 threads, Lua scripts written
-  here) as the load generator, at each concurrency (``DEFAULT_CLIENTS``: 100, 200 and 1,000 connections):
+  here) as the load generator, at each concurrency (``DEFAULT_CLIENTS``: 100 and 1,000 connections):
   ``GET /healthz`` (the no-work HTTP ceiling), ``POST holds`` (one GA ticket of a 10,000,000-ticket
   zone, so nothing sells out: every hold measured is a ``201``; the requests are built before the run,
   for 10,000 customers per wrk thread taken in turn, as ``/healthz``'s one request is, so the load
@@ -70,11 +70,10 @@ HOLD_POOL = 10_000
 GA_CAPACITY = 10_000_000
 SEATS = 2000
 ROUTES = ("healthz", "holds", "confirm", "availability", "seats")
-DEFAULT_CLIENTS = (100, 200, 1000)
-"""Concurrencies of every route: latency at 100 and 1,000 clients, and the saturation figures (each route's best
-concurrency). 200 because holds peak there on this project's 2-core VMs: at 100 a worker waits, idle, on its
-batch's replies from Redis (3-7 % of the machine idle), at 1,000 each hold costs more CPU; ``/healthz`` peaks at
-100 (loadtests/RESULTS.md, bench AE)."""
+DEFAULT_CLIENTS = (100, 1000)
+"""Concurrencies of every route: the latency targets' 100 and 1,000 clients; the saturation figures are each
+route's best of them. A third point, 200, was tried and dropped: on one VM it beat 100 for holds in 4 runs of 4,
+then in 1 of 3 (bench AE, loadtests/RESULTS.md), for 40 % more bench time."""
 
 # The children's environment: the bench is loopback-only ---------------------------------------------------
 

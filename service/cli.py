@@ -187,7 +187,7 @@ def bench(
     duration: float = typer.Option(5.0, help="Seconds per load run (each route, each concurrency)."),
     runs: int = typer.Option(1, help="Repeat everything this often; medians are reported."),
     clients: str | None = typer.Option(
-        None, help="Concurrent connections, comma-separated (default: 100,200,1000, bench.DEFAULT_CLIENTS)."
+        None, help="Concurrent connections, comma-separated (default: 100,1000, bench.DEFAULT_CLIENTS)."
     ),
     modes: str = typer.Option("on,off", help="BOXOFFICE_AUTO_PIPELINE modes to measure: on, off or on,off."),
     json_path: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
