@@ -228,7 +228,7 @@ def main(
     ),
     workers: int = typer.Option(1, min=1, max=4, help="Worker processes."),
     reconcile_interval: int = typer.Option(
-        RECONCILE_OFF_SECONDS, help="The workers' reconcile cron period, seconds (default: 0, off)."
+        RECONCILE_OFF_SECONDS, min=0, help="The workers' reconcile cron period, seconds (default: 0, off)."
     ),
 ) -> None:
     """Measure write-through throughput and confirm -> persisted lag."""

@@ -78,7 +78,8 @@ def serve(
 
 @app.command()
 def worker() -> None:
-    """Run an arq worker: outbox write-through to PostgreSQL, the expiry sweeper, and the reconcile cron job."""
+    """Run an arq worker: outbox write-through to PostgreSQL, the expiry sweeper, and the reconcile cron job
+    (none with BOXOFFICE_RECONCILE_INTERVAL_SECONDS=0)."""
     settings = resolve_settings()
     _export_metrics_dir(settings)
 

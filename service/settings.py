@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: int = Field(default=30, ge=0)
     """Cron period, aligned on the clock (``workers.main.every``): past a minute, whole minutes (rounded down),
     at most hourly (at minute 0). 0: no cron job, the worker never reconciles (``boxoffice reconcile`` still
-    does); for benchmarks, whose load runs a check would land in."""
+    does); meant for benchmarks, whose load runs a pass would land in. Only the cron job sets the drift and
+    active-holds gauges (``boxoffice_reconcile_drift``, ``boxoffice_active_holds``): with 0 they stay unset."""
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """``boxoffice worker`` serves its own ``/metrics`` on ``host``:this port (the outbox, write-through, dead
     letters and drift are counted there); unset: only through a ``PROMETHEUS_MULTIPROC_DIR`` the API shares."""

@@ -78,7 +78,6 @@ def test_bench_measures_at_the_default_concurrencies_unless_told(cli_env, monkey
     assert cli_env.invoke(app, ["bench"]).exit_code == 0
     assert cli_env.invoke(app, ["bench", "--clients", "50, 400"]).exit_code == 0
     assert seen == [None, [50, 400]]  # None: run_cli takes bench.DEFAULT_CLIENTS
-    assert bench.DEFAULT_CLIENTS == (100, 1000)  # the latency targets' two
 
 
 @pytest.mark.parametrize("command", ["show", "pause", "resume"])

@@ -9,7 +9,10 @@ outbox entry is the confirm script's own.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import time
 from datetime import datetime
 
@@ -481,15 +484,26 @@ async def test_reconcile_cron_job_runs_off_the_worker_loop(pg, inventory, privat
     assert main.every(120) == {"minute": set(range(0, 60, 2)), "second": {0}}
 
 
-def test_a_reconcile_interval_of_0_schedules_no_cron_job(private_settings):
+def test_a_reconcile_interval_of_0_schedules_no_cron_job():
     from workers import main
 
-    [job] = main.schedule(private_settings.model_copy(update={"reconcile_interval_seconds": 30}))
+    [job] = main.schedule(Settings(redis_url=None, database_url=None, reconcile_interval_seconds=30))
     assert job.name == "reconcile" and job.second == {0, 30}
     off = Settings(redis_url=None, database_url=None, reconcile_interval_seconds=0)  # validated: 0 is allowed
     assert main.schedule(off) == []
     with pytest.raises(ValidationError):
         Settings(redis_url=None, database_url=None, reconcile_interval_seconds=-1)
+
+
+@pytest.mark.parametrize(("interval", "jobs"), [("0", []), ("20", [{0, 20, 40}]), ("-1", [{0, 30}])])
+def test_arqs_own_cli_gets_the_schedule_of_the_environment(interval, jobs):
+    """``arq workers.main.WorkerSettings`` reads the class's ``cron_jobs``, built at import from the environment
+    (settings that do not validate give the default schedule: the worker's start-up then reports the error)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BOXOFFICE_")}
+    env["BOXOFFICE_RECONCILE_INTERVAL_SECONDS"] = interval
+    code = "from workers.main import WorkerSettings as W; print([sorted(j.second) for j in W.cron_jobs])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str([sorted(s) for s in jobs])
 
 
 async def test_a_refused_entry_does_not_hide_another_events_entry_of_the_same_id(pg, inventory):

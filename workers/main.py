@@ -22,6 +22,7 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.cron import CronJob
 from arq.worker import run_worker as arq_run_worker
+from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -168,11 +169,21 @@ def schedule(settings: Settings) -> list[CronJob]:
     return [cron(reconcile, name="reconcile", **every(settings.reconcile_interval_seconds))]
 
 
+def _environment_schedule() -> list[CronJob]:
+    """The schedule of the environment's settings, for ``arq workers.main.WorkerSettings``. If the environment's
+    settings do not validate, the default schedule: ``startup`` then fails with the validation error, which
+    says more than a failed import would."""
+    try:
+        return schedule(get_settings())
+    except ValidationError:
+        return schedule(Settings.model_construct())
+
+
 class WorkerSettings:
     """arq settings (``arq workers.main.WorkerSettings`` works too, with the settings read from the environment)."""
 
     functions = [drain_outbox]
-    cron_jobs = schedule(Settings.model_construct())  # run_worker passes the configured schedule
+    cron_jobs = _environment_schedule()  # run_worker passes the schedule of the settings it was given
     on_startup = startup
     on_shutdown = shutdown
     max_jobs = 4
