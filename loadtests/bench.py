@@ -73,7 +73,7 @@ ROUTES = ("healthz", "holds", "confirm", "availability", "seats")
 DEFAULT_CLIENTS = (100, 1000)
 """Concurrencies of every route: the latency targets' 100 and 1,000 clients; the saturation figures are each
 route's best of them. A third point, 200, was tried and dropped: on one VM it beat 100 for holds in 4 runs of 4,
-then in 1 of 3 (bench AE, loadtests/RESULTS.md), for 40 % more bench time."""
+then in 1 of 3 (bench AE, loadtests/RESULTS.md), for 42 % more bench time."""
 
 # The children's environment: the bench is loopback-only ---------------------------------------------------
 
