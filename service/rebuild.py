@@ -51,9 +51,9 @@ Progress = Callable[[str, int, int], None]
 
 STEPS = 6
 CATALOG_LOCK_WAIT_SECONDS = 60.0
+"""How long a rebuild waits for another change of the event's catalog state (``catalog.event_lock``)."""
 REBUILD_LOCK = "boxoffice.rebuild:{}"
 """The per-event PostgreSQL advisory lock (key text, hashed) one rebuild holds, so that a second one refuses."""
-"""How long a rebuild waits for another change of the event's catalog state (``catalog.event_lock``)."""
 
 
 @dataclass
