@@ -19,11 +19,23 @@ uvicorn has no option for this, so ``run`` does what ``uvicorn.run`` does for a 
 ``uvicorn.supervisors.Multiprocess`` for several workers, ``Server.run`` for one) with the extra descriptors.
 If the installed uvicorn has no such supervisor, or one that takes other arguments (its signature changed in
 2026), it logs so and serves through ``uvicorn.run``.
+
+Why each worker has a socket of its own (``reuse_port``, on by default on Linux): workers that share one
+listening socket race to accept, and a worker that wakes first takes up to ``accept_descriptors`` connections
+at once. With ``--workers 2`` and wrk's 100 connections, one worker held 61-93 of them in 10 runs of 20
+(loadtests/RESULTS.md), so its clients waited longer than the other's: it is the p99 of a closed-loop load. With
+``SO_REUSEPORT`` every worker binds its own socket to the same address and the kernel hands each new
+connection to one of them by a hash of its addresses (socket(7), "SO_REUSEPORT"; Linux 3.9+), as nginx's
+``listen ... reuseport`` does. A worker that dies takes its socket with it, so new connections go to the
+others until uvicorn's supervisor has started its replacement, which binds a new one. The supervisor keeps a
+socket bound to the port but never listening on it: it holds the port between workers and receives nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 from typing import Any
 
 from service.settings import Settings
@@ -52,14 +64,25 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     """Serve the API until SIGINT / SIGTERM, then return (as ``uvicorn.run`` does, a Ctrl-C is not an error).
 
     Raises SystemExit as uvicorn does: port in use, a worker that fails at start-up. As with ``uvicorn.run``
-    for several workers, the socket is bound before the app starts (so uvicorn's "running on" line comes
-    first), and ``--host ::`` listens on IPv4 too.
+    for several workers, the port is bound before the app starts (so uvicorn's "running on" line comes
+    first), and ``--host ::`` listens on IPv4 too. With several workers and ``settings.reuse_port`` on Linux,
+    each worker listens on a socket of its own (``WorkerListeners``); otherwise all share the one bound here.
     """
     import uvicorn
 
     options = uvicorn_options(settings, host=host, port=port, workers=workers)
     config = uvicorn.Config(APP, **options)
-    sockets = listening_descriptors(config.bind_socket(), settings.accept_descriptors)
+    # logs "running on"; exits with uvicorn's start-up failure code if the port is taken
+    bound = config.bind_socket()
+    if workers > 1 and settings.reuse_port and reuse_port_supported():
+        sockets: list[Any] = WorkerListeners(
+            bound.family, bound.getsockname()[:2], settings.accept_descriptors
+        )
+        bound.close()
+        held = [port_holder(sockets.family, sockets.address)]
+    else:
+        sockets = listening_descriptors(bound, settings.accept_descriptors)
+        held = sockets
     try:
         if workers == 1:
             uvicorn.Server(config).run(sockets=sockets)
@@ -70,14 +93,83 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
             supervisor = Multiprocess(config, sockets=sockets)
         except (ImportError, TypeError) as exc:  # another uvicorn: serve its own way, one descriptor
             log.warning("uvicorn's supervisor is not as expected (%s): one accept descriptor a worker", exc)
-            close_all(sockets)
+            close_all(held)
             uvicorn.run(APP, **options)
             return
         supervisor.run()
     except KeyboardInterrupt:
         pass  # uvicorn raises the SIGINT again once it has shut down; uvicorn.run swallows it too
     finally:
-        close_all(sockets)
+        close_all(held)
+
+
+def reuse_port_supported() -> bool:
+    """Linux balances new connections over a ``SO_REUSEPORT`` group; some systems that have the option do
+    not (macOS gives them all to one socket), so there the workers share one socket instead."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def reuse_port_socket(family: int, address: tuple[str, int]) -> socket.socket:
+    """A TCP socket with ``SO_REUSEADDR`` and ``SO_REUSEPORT``, bound to ``address`` and not yet listening.
+
+    Raises OSError if the address is taken by a socket outside the group (one without ``SO_REUSEPORT`` or of
+    another user)."""
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def port_holder(family: int, address: tuple[str, int]) -> socket.socket:
+    """The supervisor's socket in the group: bound, never listening, so the kernel gives it no connection
+    (only listening sockets take part in the balancing), but no program outside the group can take the port
+    while a worker restarts. Exits with uvicorn's start-up failure code if it cannot be bound."""
+    try:
+        return reuse_port_socket(family, address)
+    except OSError as exc:
+        log.error("cannot bind %s for the workers' SO_REUSEPORT group: %s", address, exc)
+        sys.exit(_startup_failure())
+
+
+class WorkerListeners(list):
+    """The listening descriptors of one worker, bound in the worker itself.
+
+    uvicorn's supervisor hands every worker it starts (and restarts) the same ``sockets`` list, pickled into
+    the new process. This list is empty in the supervisor and pickles as a call to ``bind_worker_listeners``,
+    so each worker unpickles a socket of its own: ``descriptors`` descriptors of one new ``SO_REUSEPORT``
+    socket bound to ``address`` (uvicorn then listens on each). ``family`` and ``address`` are those of the
+    socket the supervisor bound first (``address`` is ``(host, port)``, the port already resolved).
+    """
+
+    def __init__(self, family: int, address: tuple[str, int], descriptors: int) -> None:
+        super().__init__()
+        self.family, self.address, self.descriptors = family, address, descriptors
+
+    def __reduce__(self) -> tuple[Any, tuple[int, tuple[str, int], int]]:
+        return bind_worker_listeners, (self.family, self.address, self.descriptors)
+
+
+def bind_worker_listeners(family: int, address: tuple[str, int], descriptors: int) -> list[socket.socket]:
+    """In a new worker: a ``SO_REUSEPORT`` socket bound to ``address``, as ``descriptors`` descriptors.
+
+    If the bind fails, the worker exits with uvicorn's start-up failure code, on which uvicorn's supervisor
+    stops instead of restarting it again and again."""
+    try:
+        return listening_descriptors(reuse_port_socket(family, address), descriptors)
+    except OSError as exc:
+        logging.getLogger("uvicorn.error").error("cannot bind %s: %s", address, exc)
+        sys.exit(_startup_failure())
+
+
+def _startup_failure() -> int:
+    from uvicorn.config import STARTUP_FAILURE
+
+    return STARTUP_FAILURE
 
 
 def listening_descriptors(sock: Any, n: int) -> list[Any]:

@@ -1,5 +1,6 @@
-"""``boxoffice serve``: every worker watches the listening socket through BOXOFFICE_ACCEPT_DESCRIPTORS
-descriptors (see service/serving.py for why), an unknown uvicorn supervisor falls back to uvicorn.run, and
+"""``boxoffice serve``: every worker watches its listening socket through BOXOFFICE_ACCEPT_DESCRIPTORS
+descriptors (see service/serving.py for why), with several workers each has a socket of its own in one
+SO_REUSEPORT group (BOXOFFICE_REUSE_PORT), an unknown uvicorn supervisor falls back to uvicorn.run, and
 responses coalesced per event-loop iteration (service/coalesce.py) still arrive whole and in order.
 
 How fast a storm of new connections is accepted is measured in loadtests/RESULTS.md, not asserted here.
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -22,14 +24,29 @@ from loadtests.bench import REPO, boxoffice, free_port, process_tree, stop_proce
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
 
 
-def listening_inode(port: int) -> str:
-    """The inode of the socket listening on ``port`` (/proc/net/tcp and tcp6, state 0A = LISTEN)."""
+def _sockets_on(port: int, state: str) -> list[str]:
+    """Inodes of the TCP sockets in ``state`` whose local port is ``port`` (/proc/net/tcp and tcp6; state 0A
+    is LISTEN, 01 ESTABLISHED)."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:] if Path(table).exists() else []:
             f = line.split()
-            if f[1].endswith(f":{port:04X}") and f[3] == "0A":
-                return f[9]
-    raise AssertionError(f"nothing listens on port {port}")
+            if f[1].endswith(f":{port:04X}") and f[3] == state:
+                found.append(f[9])
+    return found
+
+
+def listening_inodes(port: int) -> list[str]:
+    """Inodes of the sockets listening on ``port``."""
+    found = _sockets_on(port, "0A")
+    assert found, f"nothing listens on port {port}"
+    return found
+
+
+def listening_inode(port: int) -> str:
+    """The inode of the one socket listening on ``port``."""
+    (inode,) = listening_inodes(port)
+    return inode
 
 
 def descriptors_by_process(root: int, inode: str) -> dict[int, int]:
@@ -89,7 +106,10 @@ def _serve(settings, tmp_path: Path, workers: int, **env: str) -> tuple[subproce
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_each_worker_watches_the_listening_socket_through_its_accept_descriptors(settings, tmp_path, workers):
-    api, port = _serve(settings, tmp_path, workers, BOXOFFICE_ACCEPT_DESCRIPTORS="5")
+    """With BOXOFFICE_REUSE_PORT off, several workers share one socket, bound by the supervisor."""
+    api, port = _serve(
+        settings, tmp_path, workers, BOXOFFICE_ACCEPT_DESCRIPTORS="5", BOXOFFICE_REUSE_PORT="false"
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, api)
@@ -100,6 +120,135 @@ def test_each_worker_watches_the_listening_socket_through_its_accept_descriptors
     finally:
         stop_process(api)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def _workers_sockets(api: subprocess.Popen, port: int, expected: int = 2) -> dict[str, dict[int, int]]:
+    """listening inode -> {pid: descriptors}, once ``expected`` sockets listen on ``port`` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while len(inodes := _sockets_on(port, "0A")) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {inode: descriptors_by_process(api.pid, inode) for inode in inodes}
+
+
+def test_with_reuse_port_each_worker_listens_on_a_socket_of_its_own(settings, tmp_path):
+    """The default with 2 workers: two listening sockets, each watched through its five descriptors by one
+    worker and by no other process, the supervisor included (it only holds the port, without listening)."""
+    api, port = _serve(settings, tmp_path, 2, BOXOFFICE_ACCEPT_DESCRIPTORS="5")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, api)
+        by_socket = _workers_sockets(api, port)
+        assert len(by_socket) == 2, by_socket
+        assert [list(held.values()) for held in by_socket.values()] == [[5], [5]], by_socket
+        owners = {pid for held in by_socket.values() for pid in held}
+        assert len(owners) == 2 and api.pid not in owners, by_socket
+        _new_connections_answer(base)
+    finally:
+        stop_process(api)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def _established_by_worker(api: subprocess.Popen, port: int) -> dict[int, int]:
+    """pid -> how many established connections to ``port`` that process holds (server side)."""
+    established = set(_sockets_on(port, "01"))
+    out = {}
+    for pid in process_tree(api.pid):
+        try:
+            links = [_link(pid, fd) for fd in os.listdir(f"/proc/{pid}/fd")]
+        except FileNotFoundError:
+            continue
+        n = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in established)
+        if n:
+            out[pid] = n
+    return out
+
+
+def _open_connections(port: int, n: int) -> list[socket.socket]:
+    """``n`` client connections opened at once, each then asked ``GET /healthz`` (keep-alive) and answered:
+    every one has been accepted by a worker when this returns."""
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+    for c in conns:
+        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    for c in conns:
+        assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+    return conns
+
+
+def test_with_reuse_port_new_connections_spread_over_both_workers(settings, tmp_path):
+    """100 connections opened at once: each worker holds at least 25 (the kernel picks a socket by a hash of
+    the connection's addresses; fewer than 25 of 100 has a chance of about 3 in 10 million). With one shared
+    socket, one worker took 61-93 of wrk's 100 connections in 10 runs of 20 (loadtests/RESULTS.md)."""
+    api, port = _serve(settings, tmp_path, 2)
+    conns: list[socket.socket] = []
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", api)
+        _workers_sockets(api, port)
+        conns = _open_connections(port, 100)
+        spread = _established_by_worker(api, port)
+        assert sum(spread.values()) == 100 and len(spread) == 2, spread
+        assert min(spread.values()) >= 25, spread
+    finally:
+        for c in conns:
+            c.close()
+        stop_process(api)
+
+
+def test_with_reuse_port_a_worker_that_dies_is_replaced_and_its_connections_go_to_the_other(
+    settings, tmp_path
+):
+    """SIGKILL one worker: its socket goes with it, so every new connection meanwhile is answered by the
+    other; uvicorn's supervisor starts a replacement, which binds a socket of its own and takes connections."""
+    api, port = _serve(settings, tmp_path, 2, BOXOFFICE_ACCEPT_DESCRIPTORS="3")
+    conns: list[socket.socket] = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, api)
+        before = _workers_sockets(api, port)
+        (victim,) = before[next(iter(before))]
+        os.kill(victim, signal.SIGKILL)
+        _workers_sockets(api, port, expected=1)  # gone with the process (connections in its queue were reset)
+        _new_connections_answer(base, 50)
+        after = _workers_sockets(api, port)
+        owners = {pid for held in after.values() for pid in held}
+        assert len(after) == 2 and len(owners) == 2 and victim not in owners, (before, after)
+        assert sorted(n for held in after.values() for n in held.values()) == [3, 3], after
+        wait_ready(base, api)
+        conns = _open_connections(port, 100)
+        spread = _established_by_worker(api, port)
+        assert len(spread) == 2 and min(spread.values()) >= 25, spread
+    finally:
+        for c in conns:
+            c.close()
+        stop_process(api)
+
+
+def test_a_second_serve_on_a_taken_port_fails_instead_of_joining_the_group(settings, tmp_path):
+    """The workers' SO_REUSEPORT group admits no other server: a second ``boxoffice serve`` on the same port
+    exits with uvicorn's start-up failure (3), and the first keeps every connection."""
+    api, port = _serve(settings, tmp_path, 2)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, api)
+        second_log = tmp_path / "second.log"
+        second = boxoffice(
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--no-migrate",
+            env=_env(settings),
+            log_path=second_log,
+        )
+        try:
+            assert second.wait(timeout=60) == 3, second_log.read_text()[-2000:]
+        finally:
+            stop_process(second)
+        assert "address already in use" in second_log.read_text().lower()
+        assert len(_sockets_on(port, "0A")) == 2
+        _new_connections_answer(base)
+    finally:
+        stop_process(api)
 
 
 def test_a_uvicorn_whose_supervisor_takes_other_arguments_serves_through_uvicorn_run(settings, tmp_path):
