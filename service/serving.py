@@ -22,17 +22,24 @@ If the installed uvicorn has no such supervisor, or one that takes other argumen
 
 Why each worker has a socket of its own (``reuse_port``, on by default on Linux): workers that share one
 listening socket race to accept, and a worker that wakes first takes up to ``accept_descriptors`` connections
-at once. With ``--workers 2`` and wrk's 100 connections, one worker held 61-93 of them in 10 runs of 20
-(loadtests/RESULTS.md), so its clients waited longer than the other's: it is the p99 of a closed-loop load. With
-``SO_REUSEPORT`` every worker binds its own socket to the same address and the kernel hands each new
-connection to one of them by a hash of its addresses (socket(7), "SO_REUSEPORT"; Linux 3.9+), as nginx's
-``listen ... reuseport`` does. A worker that dies takes its socket with it, so new connections go to the
-others until uvicorn's supervisor has started its replacement, which binds a new one. The supervisor keeps a
-socket bound to the port but never listening on it: it holds the port between workers and receives nothing.
+at once. With ``--workers 2`` and wrk's 100 connections, one worker held 61-93 of them in 10 runs of 20, and
+59-77 in 5 runs of 12 of a later A/B (loadtests/RESULTS.md); the worker with more connections makes its
+clients wait longer, and that is the p99 of a closed-loop load. With ``SO_REUSEPORT`` every worker binds its
+own socket to the same address and the kernel hands each new connection to one of them by a hash of its
+addresses (socket(7), "SO_REUSEPORT"; Linux 3.9+), as nginx's ``listen ... reuseport`` does: even on average,
+as coin flips are. The supervisor keeps a socket bound to the port but never listening on it (``port_holder``):
+it holds the port while no worker listens and receives nothing.
+
+The price: a connection waits for the worker it was given, even while another is idle, and a worker that
+stops (a crash, or uvicorn's supervisor retiring it on SIGHUP, SIGTTOU or a failed health check) closes its
+socket, and Linux resets the connections still queued in it, unless ``net.ipv4.tcp_migrate_req`` is 1
+(Linux 5.14+, ip-sysctl.rst), which hands them to another socket of the group. ``run`` logs that at start-up.
+New connections go to the other workers until the replacement has bound a new socket.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import sys
@@ -63,7 +70,9 @@ def uvicorn_options(settings: Settings, *, host: str, port: int, workers: int) -
 def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     """Serve the API until SIGINT / SIGTERM, then return (as ``uvicorn.run`` does, a Ctrl-C is not an error).
 
-    Raises SystemExit as uvicorn does: port in use, a worker that fails at start-up. As with ``uvicorn.run``
+    Raises SystemExit with uvicorn's start-up failure code (3) if the port is taken or a worker fails at
+    start-up (e.g. PostgreSQL unreachable); ``uvicorn.run`` returns normally for the latter with several
+    workers, which a process manager would take for a clean stop. As with ``uvicorn.run``
     for several workers, the port is bound before the app starts (so uvicorn's "running on" line comes
     first), and ``--host ::`` listens on IPv4 too. With several workers and ``settings.reuse_port`` on Linux,
     each worker listens on a socket of its own (``WorkerListeners``); otherwise all share the one bound here.
@@ -80,6 +89,11 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         )
         bound.close()
         held = [port_holder(sockets.family, sockets.address)]
+        if read_sysctl("net/ipv4/tcp_migrate_req") == "0":
+            log.info(
+                "each worker listens on a socket of its own; a worker that stops resets the connections "
+                "queued in its socket (sysctl net.ipv4.tcp_migrate_req=1 hands them to another worker)"
+            )
     else:
         sockets = listening_descriptors(bound, settings.accept_descriptors)
         held = sockets
@@ -97,6 +111,8 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
             uvicorn.run(APP, **options)
             return
         supervisor.run()
+        if any(p.exitcode == _startup_failure() for p in getattr(supervisor, "processes", [])):
+            sys.exit(_startup_failure())  # uvicorn's supervisor returns normally; one worker's Server exits 3
     except KeyboardInterrupt:
         pass  # uvicorn raises the SIGINT again once it has shut down; uvicorn.run swallows it too
     finally:
@@ -109,14 +125,25 @@ def reuse_port_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def reuse_port_socket(family: int, address: tuple[str, int]) -> socket.socket:
-    """A TCP socket with ``SO_REUSEADDR`` and ``SO_REUSEPORT``, bound to ``address`` and not yet listening.
+def read_sysctl(name: str) -> str | None:
+    """The value of a sysctl (``name`` as under /proc/sys), or None where there is no such file."""
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def reuse_port_socket(family: int, address: tuple[str, int], *, reuse_address: bool = True) -> socket.socket:
+    """A TCP socket with ``SO_REUSEPORT`` (and ``SO_REUSEADDR`` unless told not to), bound to ``address`` and
+    not yet listening.
 
     Raises OSError if the address is taken by a socket outside the group (one without ``SO_REUSEPORT`` or of
     another user)."""
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except BaseException:
@@ -127,10 +154,21 @@ def reuse_port_socket(family: int, address: tuple[str, int]) -> socket.socket:
 
 def port_holder(family: int, address: tuple[str, int]) -> socket.socket:
     """The supervisor's socket in the group: bound, never listening, so the kernel gives it no connection
-    (only listening sockets take part in the balancing), but no program outside the group can take the port
-    while a worker restarts. Exits with uvicorn's start-up failure code if it cannot be bound."""
+    (only listening sockets take part in the balancing), and the port stays taken while no worker listens
+    (at start-up, or while every worker restarts).
+
+    It is bound without ``SO_REUSEADDR``: a bound socket that has it does not stop another program's socket
+    with ``SO_REUSEADDR`` (as most servers set, uvicorn included) from binding and listening on the port,
+    whatever its user. If that bind fails because connections of an earlier server without ``SO_REUSEPORT``
+    linger in TIME_WAIT on the port, it binds with ``SO_REUSEADDR`` after all (and holds the port less well
+    until the workers listen). Exits with uvicorn's start-up failure code if it cannot be bound."""
     try:
-        return reuse_port_socket(family, address)
+        try:
+            return reuse_port_socket(family, address, reuse_address=False)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return reuse_port_socket(family, address)
     except OSError as exc:
         log.error("cannot bind %s for the workers' SO_REUSEPORT group: %s", address, exc)
         sys.exit(_startup_failure())

@@ -40,8 +40,9 @@ class Settings(BaseSettings):
     event-loop iteration can accept (libuv takes one per descriptor; see service/serving.py)."""
     reuse_port: bool = True
     """With several API workers on Linux, each listens on a socket of its own in one ``SO_REUSEPORT`` group,
-    and the kernel spreads new connections evenly over them (service/serving.py). Off: all workers share one
-    socket and race to accept, so one may hold most connections. No effect with one worker or elsewhere."""
+    and the kernel spreads new connections over them by a hash of their addresses, even on average
+    (service/serving.py). Off: all workers share one socket and race to accept, so one may hold most
+    connections. No effect with one worker or elsewhere."""
     coalesce_writes: bool = True
     """Each connection's response bytes of one event-loop iteration leave in one write, at the start of the
     next iteration (service/coalesce.py). Off: uvicorn writes each response's head and body at once."""
