@@ -1,5 +1,6 @@
-"""``boxoffice serve``: uvicorn worker processes sharing one listening socket, each watching it through
-``accept_descriptors`` descriptors.
+"""``boxoffice serve``: uvicorn worker processes, each with a listening socket of its own in one
+``SO_REUSEPORT`` group (or all sharing one), each watching its socket through ``accept_descriptors``
+descriptors.
 
 Why more than one: libuv, under uvloop, accepts one connection per listening handle per event-loop iteration
 since libuv 1.45 (https://github.com/libuv/libuv/pull/3696; the same change slowed Node.js 20,
@@ -47,7 +48,9 @@ from typing import Any
 
 from service.settings import Settings
 
-log = logging.getLogger("boxoffice.serving")
+# uvicorn.Config sets up uvicorn's loggers in this process (boxoffice's own logging is set up in the workers),
+# so what the supervisor says goes where uvicorn's "running on" line goes.
+log = logging.getLogger("uvicorn.error")
 APP = "service.app:create_app"
 COALESCING_PROTOCOL = "service.coalesce:CoalescingHTTPProtocol"
 
@@ -160,14 +163,21 @@ def port_holder(family: int, address: tuple[str, int]) -> socket.socket:
     It is bound without ``SO_REUSEADDR``: a bound socket that has it does not stop another program's socket
     with ``SO_REUSEADDR`` (as most servers set, uvicorn included) from binding and listening on the port,
     whatever its user. If that bind fails because connections of an earlier server without ``SO_REUSEPORT``
-    linger in TIME_WAIT on the port, it binds with ``SO_REUSEADDR`` after all (and holds the port less well
-    until the workers listen). Exits with uvicorn's start-up failure code if it cannot be bound."""
+    linger in TIME_WAIT on the port, it binds with ``SO_REUSEADDR`` after all, and says so: then, for as long
+    as this serve runs, another program can take the port while no worker listens (its workers then fail to
+    bind, and serve exits 3), and a second ``boxoffice serve`` started at the same instant may join the group.
+    Exits with uvicorn's start-up failure code if it cannot be bound."""
     try:
         try:
             return reuse_port_socket(family, address, reuse_address=False)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
+            log.warning(
+                "%s is still in use (TIME_WAIT of a server without SO_REUSEPORT?): the port is held with "
+                "SO_REUSEADDR, which keeps other servers off it only while a worker listens",
+                address,
+            )
             return reuse_port_socket(family, address)
     except OSError as exc:
         log.error("cannot bind %s for the workers' SO_REUSEPORT group: %s", address, exc)
@@ -200,7 +210,7 @@ def bind_worker_listeners(family: int, address: tuple[str, int], descriptors: in
     try:
         return listening_descriptors(reuse_port_socket(family, address), descriptors)
     except OSError as exc:
-        logging.getLogger("uvicorn.error").error("cannot bind %s: %s", address, exc)
+        log.error("cannot bind %s: %s", address, exc)
         sys.exit(_startup_failure())
 
 

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from loadtests.bench import REPO, boxoffice, free_port, process_tree, stop_process, wait_ready
+from service import serving
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
 
@@ -89,9 +90,18 @@ def _new_connections_answer(base: str, n: int = 20) -> None:
             assert c.get(f"{base}/healthz", headers={"Connection": "close"}).status_code == 200
 
 
-def _serve(settings, tmp_path: Path, workers: int, **env: str) -> tuple[subprocess.Popen, int]:
-    """``boxoffice serve --workers N`` on a free port, in its own process group: (process, port)."""
-    port = free_port()
+def _serve(
+    settings,
+    tmp_path: Path,
+    workers: int,
+    *,
+    port: int | None = None,
+    log_name: str = "serve.log",
+    **env: str,
+) -> tuple[subprocess.Popen, int]:
+    """``boxoffice serve --workers N`` on ``port`` (a free one by default), in its own process group, logging
+    to ``tmp_path / log_name``: (process, port)."""
+    port = port or free_port()
     api = boxoffice(
         "serve",
         "--workers",
@@ -100,7 +110,7 @@ def _serve(settings, tmp_path: Path, workers: int, **env: str) -> tuple[subproce
         str(port),
         "--no-migrate",
         env=_env(settings, **env),
-        log_path=tmp_path / "serve.log",
+        log_path=tmp_path / log_name,
     )
     return api, port
 
@@ -259,6 +269,47 @@ def test_the_supervisor_holds_the_port_while_no_worker_listens(settings, tmp_pat
         stop_process(api)
 
 
+def test_serve_says_at_start_up_what_a_retiring_worker_does_to_queued_connections(settings, tmp_path):
+    """The line goes where uvicorn's own go (the supervisor sets up no logging of boxoffice's)."""
+    migrate_req = serving.read_sysctl("net/ipv4/tcp_migrate_req")
+    if migrate_req not in ("0", "1"):
+        pytest.skip("no net.ipv4.tcp_migrate_req here (Linux < 5.14)")
+    api, port = _serve(settings, tmp_path, 2, BOXOFFICE_LOG_LEVEL="INFO")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", api)
+    finally:
+        stop_process(api)
+    said = (
+        "sysctl net.ipv4.tcp_migrate_req=1 hands them to another worker"
+        in (tmp_path / "serve.log").read_text()
+    )
+    assert said == (migrate_req == "0")
+
+
+def test_serve_starts_on_a_port_where_an_earlier_plain_server_left_time_wait(settings, tmp_path):
+    """Server-side TIME_WAIT of a socket without SO_REUSEPORT blocks the holder's strict bind: serve binds it
+    with SO_REUSEADDR after all, says so, and serves, each worker on its own socket."""
+    port = free_port()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(8)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn, _ = listener.accept()
+    conn.close()  # the server's side closes first, so its end (local port ``port``) waits in TIME_WAIT
+    assert client.recv(1) == b""
+    client.close()
+    listener.close()
+    assert _sockets_on(port, "06"), "no TIME_WAIT left on the port"  # 06 = TIME_WAIT
+    api, _ = _serve(settings, tmp_path, 2, port=port)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", api)
+        assert len(_workers_sockets(api, port)) == 2
+    finally:
+        stop_process(api)
+    assert "is still in use (TIME_WAIT" in (tmp_path / "serve.log").read_text()
+
+
 def test_a_second_serve_on_a_taken_port_fails_instead_of_joining_the_group(settings, tmp_path):
     """The workers' SO_REUSEPORT group admits no other server: a second ``boxoffice serve`` on the same port
     exits with uvicorn's start-up failure (3), and the first keeps every connection."""
@@ -267,16 +318,7 @@ def test_a_second_serve_on_a_taken_port_fails_instead_of_joining_the_group(setti
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, api)
         second_log = tmp_path / "second.log"
-        second = boxoffice(
-            "serve",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--no-migrate",
-            env=_env(settings),
-            log_path=second_log,
-        )
+        second, _ = _serve(settings, tmp_path, 2, port=port, log_name=second_log.name)
         try:
             assert second.wait(timeout=60) == 3, second_log.read_text()[-2000:]
         finally:
