@@ -75,10 +75,10 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
 
     Raises SystemExit with uvicorn's start-up failure code (3) if the port is taken or a worker fails at
     start-up (e.g. PostgreSQL unreachable); ``uvicorn.run`` returns normally for the latter with several
-    workers, which a process manager would take for a clean stop. As with ``uvicorn.run``
-    for several workers, the port is bound before the app starts (so uvicorn's "running on" line comes
-    first), and ``--host ::`` listens on IPv4 too. With several workers and ``settings.reuse_port`` on Linux,
-    each worker listens on a socket of its own (``WorkerListeners``); otherwise all share the one bound here.
+    workers, which a process manager would take for a clean stop. As with ``uvicorn.run`` for several
+    workers, the port is bound before the app starts (so uvicorn's "running on" line comes first), and
+    ``--host ::`` listens on IPv4 too. With several workers and ``settings.reuse_port`` on Linux, each worker
+    listens on a socket of its own (``WorkerListeners``); otherwise all share the one bound here.
     """
     import uvicorn
 
@@ -87,11 +87,10 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     # logs "running on"; exits with uvicorn's start-up failure code if the port is taken
     bound = config.bind_socket()
     if workers > 1 and settings.reuse_port and reuse_port_supported():
-        sockets: list[Any] = WorkerListeners(
-            bound.family, bound.getsockname()[:2], settings.accept_descriptors
-        )
+        family, address = bound.family, bound.getsockname()[:2]  # the port resolved, were it 0
         bound.close()
-        held = [port_holder(sockets.family, sockets.address)]
+        held = [port_holder(family, address)]
+        sockets: list[Any] = WorkerListeners(family, address, settings.accept_descriptors)
         if read_sysctl("net/ipv4/tcp_migrate_req") == "0":
             log.info(
                 "each worker listens on a socket of its own; a worker that stops resets the connections "
