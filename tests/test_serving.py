@@ -38,17 +38,11 @@ def _sockets_on(port: int, state: str) -> list[str]:
     return found
 
 
-def listening_inodes(port: int) -> list[str]:
-    """Inodes of the sockets listening on ``port``."""
-    found = _sockets_on(port, "0A")
-    assert found, f"nothing listens on port {port}"
-    return found
-
-
 def listening_inode(port: int) -> str:
     """The inode of the one socket listening on ``port``."""
-    (inode,) = listening_inodes(port)
-    return inode
+    found = _sockets_on(port, "0A")
+    assert len(found) == 1, f"{len(found)} sockets listen on port {port}"
+    return found[0]
 
 
 def descriptors_by_process(root: int, inode: str) -> dict[int, int]:
