@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     """How long uvicorn keeps an idle client connection open. Longer than a load balancer's idle timeout
     (60 s on common ones), so the server never closes a connection the client is about to reuse."""
     accept_descriptors: int = Field(default=32, ge=1, le=1024)
-    """Descriptors through which each API worker watches the listening socket: how many new connections one
+    """Descriptors through which each API worker watches its listening socket: how many new connections one
     event-loop iteration can accept (libuv takes one per descriptor; see service/serving.py)."""
     reuse_port: bool = True
     """With several API workers on Linux, each listens on a socket of its own in one ``SO_REUSEPORT`` group,
