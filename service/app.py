@@ -41,7 +41,7 @@ log = logging.getLogger("boxoffice.app")
 # confirm, are served as plain ASGI apps (ASGIEndpoint: the same handlers, without Starlette's per-request
 # wrapping). So is /healthz: it is the benchmark's no-work HTTP ceiling, which holds/s is reported against, and
 # it must reach its handler the way a hold does, or the ratio would credit the hold with the dispatch work it
-# skips (served through the wrapper, /healthz cost 3.5 us more API CPU a request: loadtests/RESULTS.md).
+# skips (served through the wrapper, /healthz cost 1-3.5 us more API CPU a request: loadtests/RESULTS.md).
 ROUTES = [
     Route("/v1/events/{event_id}/holds", ASGIEndpoint(api.create_hold), methods=["POST"]),
     Route("/v1/events/{event_id}/holds/{hold_id}/confirm", ASGIEndpoint(api.confirm_hold), methods=["POST"]),

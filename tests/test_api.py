@@ -351,7 +351,7 @@ async def test_health_request_id_and_metrics(client):
 
 def test_the_no_work_ceiling_reaches_its_handler_as_a_hold_does():
     """The bench reports holds/s as a fraction of /healthz's req/s. Served through Starlette's function wrapper
-    (request_response) while holds skip it, /healthz cost 3.5 us more API CPU a request (loadtests/RESULTS.md)
+    (request_response) while holds skip it, /healthz cost 1-3.5 us more API CPU a request (loadtests/RESULTS.md)
     and the ratio credited holds with that."""
     by_path = {route.path: route for route in ROUTES}
     hold, healthz = by_path["/v1/events/{event_id}/holds"], by_path["/healthz"]
