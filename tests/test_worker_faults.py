@@ -1,6 +1,6 @@
 """The worker as a process (``python -m service.cli worker``) under faults: SIGKILL mid-batch, PostgreSQL
 unreachable, Redis unreachable (a restart), two workers at once. After each, every confirmed order is in PostgreSQL exactly once and
-``zones.sold`` equals what Redis sold.
+``zones.sold`` equals what Redis sold. The last test runs the worker in this process, to stop it at a chosen moment.
 
 The workers use a throw-away redis-server (see tests/test_outbox.py for why) and the session's database.
 Outages are made with a small TCP proxy in this process that we close and reopen.
@@ -320,3 +320,56 @@ async def test_worker_rides_out_a_redis_restart(pg, inventory, private_settings,
         assert await worker.wait_exit(15) == 0, worker.output()[-3000:]
     finally:
         await proxy.stop()
+
+
+# arq's own close of its Redis pool (redis-py 5 deprecates close for aclose)
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
+async def test_a_shutdown_while_arq_awaits_redis_for_a_job_still_runs_on_shutdown(private_settings):
+    """SIGTERM lands while arq itself awaits around a job: here its ``on_job_end`` hook, standing in for
+    ``finish_job``'s write of the job's result, which took seconds in a CI run while Redis came back from a
+    restart. The worker still runs ``on_shutdown`` and ``close()`` returns. With arq's own Worker, ``close()``
+    raised CancelledError: ``on_shutdown`` was skipped and ``boxoffice worker`` exited 1 with a traceback. In
+    process, with arq's real worker and the module's Redis (``handle_signals=False``: ``close()`` then stops the
+    worker through the same ``handle_sig`` a SIGTERM calls)."""
+    from arq import create_pool
+    from arq.worker import func
+
+    from workers.main import create_worker, queue_redis_settings
+
+    queue = f"test-shutdown-{os.getpid()}-{time.monotonic_ns()}"
+    in_hook = asyncio.Event()
+    shut_down: list[str] = []
+
+    async def noop(ctx):
+        return None
+
+    async def on_job_end(ctx):
+        in_hook.set()
+        await asyncio.sleep(60)
+
+    async def on_shutdown(ctx):
+        shut_down.append("on_shutdown")
+
+    worker = create_worker(
+        private_settings,
+        functions=[func(noop, name="noop")],
+        cron_jobs=[],
+        on_startup=None,
+        on_shutdown=on_shutdown,
+        on_job_end=on_job_end,
+        handle_signals=False,
+        poll_delay=0.05,
+        queue_name=queue,
+    )
+    pool = await create_pool(queue_redis_settings(private_settings), default_queue_name=queue)
+    run = asyncio.create_task(worker.async_run())
+    try:
+        await pool.enqueue_job("noop")
+        await asyncio.wait_for(in_hook.wait(), 10)
+        await asyncio.wait_for(worker.close(), 10)
+        assert shut_down == ["on_shutdown"]
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await pool.delete(queue)
+        await pool.aclose()

@@ -2,8 +2,8 @@
 
 Run it with ``boxoffice worker`` (``run_worker``). arq (https://arq-docs.helpmanual.io/) gives the process
 its life cycle: ``on_startup`` / ``on_shutdown``, SIGINT / SIGTERM handling (the main task is cancelled,
-then ``on_shutdown`` runs), the ``drain_outbox`` job and the cron schedule (a cron job runs once per tick
-across all workers: arq's ``unique`` lock).
+then ``on_shutdown`` runs, also when a job's task ends cancelled: ``Worker``), the ``drain_outbox`` job and
+the cron schedule (a cron job runs once per tick across all workers: arq's ``unique`` lock).
 
 The outbox loop is the guarantee that every order is written through; ``drain_outbox`` only wakes it early.
 A SIGKILL loses nothing: entries read but not acked are re-read by the next worker (``workers/outbox.py``).
@@ -21,7 +21,8 @@ from typing import Any
 from arq import cron
 from arq.connections import RedisSettings
 from arq.cron import CronJob
-from arq.worker import run_worker as arq_run_worker
+from arq.worker import Worker as ArqWorker
+from arq.worker import get_kwargs
 from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -179,8 +180,37 @@ def _environment_schedule() -> list[CronJob]:
         return schedule(Settings.model_construct())
 
 
+class Worker(ArqWorker):
+    """arq's Worker, with a shutdown that survives a job cancelled where arq does not expect it.
+
+    On SIGINT / SIGTERM arq cancels every job task, then ``close()`` gathers them (without
+    ``return_exceptions``) before it runs ``on_shutdown``. arq turns a cancellation inside the job's own
+    function into "cancelled, will be run again", but one that lands while arq itself awaits Redis around the
+    job (reading it, or ``finish_job`` writing its result: seconds during a Redis outage, when its retries
+    back off) ends the task with CancelledError. That made ``close()`` raise: ``on_shutdown`` never ran (the
+    write-through and the sweeper were not stopped, the pools not closed; nothing is lost, as after a SIGKILL)
+    and the process exited with 1 and a traceback. Here such a task ends quietly once a shutdown has begun.
+    The jobs here are safe to run again, as arq may: ``drain_outbox`` wakes a loop, ``reconcile`` only checks.
+    """
+
+    stopping = False
+
+    def handle_sig(self, signum: int) -> None:
+        self.stopping = True
+        super().handle_sig(signum)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            log.info("job %s cancelled by the shutdown while arq awaited Redis for it", job_id)
+
+
 class WorkerSettings:
-    """arq settings (``arq workers.main.WorkerSettings`` works too, with the settings read from the environment)."""
+    """arq settings (``arq workers.main.WorkerSettings`` works too, with the settings read from the environment,
+    but runs arq's own Worker: a shutdown during a Redis outage can then exit 1, see ``Worker``)."""
 
     functions = [drain_outbox]
     cron_jobs = _environment_schedule()  # run_worker passes the schedule of the settings it was given
@@ -236,6 +266,18 @@ def serve_metrics(host: str, port: int) -> None:
     log.info("metrics on http://%s:%d/metrics", host, port)
 
 
+def create_worker(settings: Settings, **overrides: Any) -> Worker:
+    """The worker ``run_worker`` runs: ``WorkerSettings`` with the queue's Redis, the schedule and the context of
+    ``settings``; ``overrides`` are more arq Worker arguments (tests). Raises RuntimeError as ``queue_redis_url``."""
+    kwargs = {
+        **get_kwargs(WorkerSettings),
+        "redis_settings": queue_redis_settings(settings),
+        "ctx": {"settings": settings},
+        "cron_jobs": schedule(settings),
+    }
+    return Worker(**{**kwargs, **overrides})
+
+
 def run_worker(settings: Settings) -> None:
     """Run the worker until SIGINT / SIGTERM (blocking). Both URLs must be set in ``settings``; on a Redis
     Cluster, ``queue_redis_url`` too (``queue_redis_url``). Raises RuntimeError when one is missing."""
@@ -244,9 +286,4 @@ def run_worker(settings: Settings) -> None:
         raise RuntimeError("REDIS_URL and DATABASE_URL must be set")
     if settings.worker_metrics_port:
         serve_metrics(settings.host, settings.worker_metrics_port)
-    arq_run_worker(
-        WorkerSettings,
-        redis_settings=queue_redis_settings(settings),
-        ctx={"settings": settings},
-        cron_jobs=schedule(settings),
-    )
+    create_worker(settings).run()
