@@ -1,6 +1,6 @@
 """The worker as a process (``python -m service.cli worker``) under faults: SIGKILL mid-batch, PostgreSQL
 unreachable, Redis unreachable (a restart), two workers at once. After each, every confirmed order is in PostgreSQL exactly once and
-``zones.sold`` equals what Redis sold. The last test runs the worker in this process, to stop it at a chosen moment.
+``zones.sold`` equals what Redis sold. The last two tests run the worker in this process, to stop it at a chosen moment.
 
 The workers use a throw-away redis-server (see tests/test_outbox.py for why) and the session's database.
 Outages are made with a small TCP proxy in this process that we close and reopen.
@@ -84,13 +84,23 @@ def workers(private_settings):
 
 class TcpProxy:
     """Forwards a loopback port to a server (PostgreSQL, Redis); ``stop()`` refuses new connections and cuts the
-    open ones, as a server that went away does."""
+    open ones, as a server that went away does; ``pause()`` holds every byte of the connections open now until
+    ``resume()`` (new ones flow), as a server stalled on a client's connections does."""
 
     def __init__(self, host: str, port: int):
         self.target = (host, port)
         self.port = free_port()
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.gates: set[asyncio.Event] = set()  # one per open connection: set while its bytes flow
+
+    def pause(self) -> None:
+        for gate in self.gates:
+            gate.clear()
+
+    def resume(self) -> None:
+        for gate in self.gates:
+            gate.set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -109,10 +119,14 @@ class TcpProxy:
             writer.transport.abort()
             return
         self.writers |= {writer, up_writer}
+        gate = asyncio.Event()
+        gate.set()
+        self.gates.add(gate)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await gate.wait()
                     dst.write(data)
                     await dst.drain()
             except OSError:
@@ -122,6 +136,7 @@ class TcpProxy:
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
         self.writers -= {writer, up_writer}
+        self.gates.discard(gate)
 
 
 async def new_event(pg, inventory, **overrides) -> str:
@@ -323,25 +338,45 @@ async def test_worker_rides_out_a_redis_restart(pg, inventory, private_settings,
 
 
 # arq's own close of its Redis pool (redis-py 5 deprecates close for aclose)
-@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
-async def test_a_shutdown_while_arq_awaits_redis_for_a_job_still_runs_on_shutdown(private_settings):
-    """SIGTERM lands while arq itself awaits around a job: here its ``on_job_end`` hook, standing in for
-    ``finish_job``'s write of the job's result, which took seconds in a CI run while Redis came back from a
-    restart. The worker still runs ``on_shutdown`` and ``close()`` returns. With arq's own Worker, ``close()``
-    raised CancelledError: ``on_shutdown`` was skipped and ``boxoffice worker`` exited 1 with a traceback. In
-    process, with arq's real worker and the module's Redis (``handle_signals=False``: ``close()`` then stops the
-    worker through the same ``handle_sig`` a SIGTERM calls)."""
-    from arq import create_pool
+pytestmark_arq_close = pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
+
+
+def arq_worker(settings, queue: str, **hooks):
+    """``boxoffice worker``'s arq Worker (``workers.main.create_worker``) on its own queue with one job,
+    ``noop``, no cron job, no start-up, and ``hooks`` (on_shutdown, on_job_end ...); run in this process, not
+    stopped by signals: a test calls ``handle_sig`` as a SIGTERM does."""
     from arq.worker import func
 
-    from workers.main import create_worker, queue_redis_settings
+    from workers.main import create_worker
+
+    async def noop(ctx):
+        return None
+
+    return create_worker(
+        settings,
+        functions=[func(noop, name="noop")],
+        cron_jobs=[],
+        on_startup=None,
+        handle_signals=False,
+        poll_delay=0.05,
+        queue_name=queue,
+        **hooks,
+    )
+
+
+@pytestmark_arq_close
+async def test_a_shutdown_while_arq_awaits_around_a_job_still_runs_on_shutdown(private_settings):
+    """SIGTERM lands while arq awaits outside its own handling of the job (here its ``on_job_end`` hook): the
+    job's task ends cancelled. The worker still runs ``on_shutdown`` and ``close()`` returns. With arq's own
+    Worker, ``close()`` raised CancelledError: ``on_shutdown`` was skipped and ``boxoffice worker`` exited 1
+    with a traceback (a CI run, while Redis came back from a restart)."""
+    from arq import create_pool
+
+    from workers.main import queue_redis_settings
 
     queue = f"test-shutdown-{os.getpid()}-{time.monotonic_ns()}"
     in_hook = asyncio.Event()
     shut_down: list[str] = []
-
-    async def noop(ctx):
-        return None
 
     async def on_job_end(ctx):
         in_hook.set()
@@ -350,26 +385,70 @@ async def test_a_shutdown_while_arq_awaits_redis_for_a_job_still_runs_on_shutdow
     async def on_shutdown(ctx):
         shut_down.append("on_shutdown")
 
-    worker = create_worker(
-        private_settings,
-        functions=[func(noop, name="noop")],
-        cron_jobs=[],
-        on_startup=None,
-        on_shutdown=on_shutdown,
-        on_job_end=on_job_end,
-        handle_signals=False,
-        poll_delay=0.05,
-        queue_name=queue,
-    )
+    worker = arq_worker(private_settings, queue, on_job_end=on_job_end, on_shutdown=on_shutdown)
     pool = await create_pool(queue_redis_settings(private_settings), default_queue_name=queue)
     run = asyncio.create_task(worker.async_run())
     try:
         await pool.enqueue_job("noop")
         await asyncio.wait_for(in_hook.wait(), 10)
+        worker.handle_sig(signal.SIGTERM)
         await asyncio.wait_for(worker.close(), 10)
         assert shut_down == ["on_shutdown"]
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
         await pool.delete(queue)
+        await pool.aclose()
+
+
+@pytestmark_arq_close
+async def test_a_shutdown_while_arq_writes_a_jobs_result_waits_for_the_write(private_settings):
+    """SIGTERM lands while arq writes a finished job's result and Redis stalls on that connection (the CI run's
+    case): ``close()`` waits for the write, then runs ``on_shutdown``; the result is in Redis and the job is no
+    longer in progress, so it does not run again. Before, ``close()`` went on over another connection and closed
+    the pool under the write (or, with arq's own Worker, raised CancelledError)."""
+    from arq import create_pool
+
+    from workers.main import queue_redis_settings
+
+    queue = f"test-shutdown-{os.getpid()}-{time.monotonic_ns()}"
+    target = urlsplit(private_settings.redis_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    via_proxy = urlunsplit((target.scheme, f"127.0.0.1:{proxy.port}", target.path, "", ""))
+    job_done = asyncio.Event()
+    shut_down: list[str] = []
+
+    async def on_job_end(ctx):  # arq's next step is finish_job: its write waits on a stalled connection
+        proxy.pause()
+        job_done.set()
+
+    async def on_shutdown(ctx):
+        shut_down.append("on_shutdown")
+
+    settings = private_settings.model_copy(update={"redis_url": via_proxy})
+    worker = arq_worker(settings, queue, on_job_end=on_job_end, on_shutdown=on_shutdown)
+    pool = await create_pool(queue_redis_settings(private_settings), default_queue_name=queue)
+    run = asyncio.create_task(worker.async_run())
+    job = None
+    try:
+        job = await pool.enqueue_job("noop")
+        await asyncio.wait_for(job_done.wait(), 10)
+        await asyncio.sleep(0.2)
+        worker.handle_sig(signal.SIGTERM)
+        closing = asyncio.create_task(worker.close())
+        await asyncio.sleep(0.5)
+        assert not closing.done(), "close() did not wait for the result write"
+        assert shut_down == []
+        proxy.resume()
+        await asyncio.wait_for(closing, 10)
+        assert shut_down == ["on_shutdown"]
+        assert await pool.exists(f"arq:result:{job.job_id}") == 1
+        assert await pool.exists(f"arq:in-progress:{job.job_id}") == 0
+    finally:
+        proxy.resume()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await proxy.stop()
+        await pool.delete(queue, *(await pool.keys(f"arq:*:{job.job_id}") if job else []))
         await pool.aclose()

@@ -2,7 +2,7 @@
 
 Run it with ``boxoffice worker`` (``run_worker``). arq (https://arq-docs.helpmanual.io/) gives the process
 its life cycle: ``on_startup`` / ``on_shutdown``, SIGINT / SIGTERM handling (the main task is cancelled,
-then ``on_shutdown`` runs, also when a job's task ends cancelled: ``Worker``), the ``drain_outbox`` job and
+then ``on_shutdown`` runs; ``Worker`` makes sure it does), the ``drain_outbox`` job and
 the cron schedule (a cron job runs once per tick across all workers: arq's ``unique`` lock).
 
 The outbox loop is the guarantee that every order is written through; ``drain_outbox`` only wakes it early.
@@ -181,31 +181,49 @@ def _environment_schedule() -> list[CronJob]:
 
 
 class Worker(ArqWorker):
-    """arq's Worker, with a shutdown that survives a job cancelled where arq does not expect it.
+    """arq's Worker, with a shutdown that always reaches ``on_shutdown`` and lets arq finish writing job results.
 
-    On SIGINT / SIGTERM arq cancels every job task, then ``close()`` gathers them (without
-    ``return_exceptions``) before it runs ``on_shutdown``. arq turns a cancellation inside the job's own
-    function into "cancelled, will be run again", but one that lands while arq itself awaits Redis around the
-    job (reading it, or ``finish_job`` writing its result: seconds during a Redis outage, when its retries
-    back off) ends the task with CancelledError. That made ``close()`` raise: ``on_shutdown`` never ran (the
+    On SIGINT / SIGTERM arq cancels every job task, then ``close()`` gathers them (without ``return_exceptions``)
+    before it runs ``on_shutdown``. arq turns a cancel inside the job's own function into "cancelled, will be
+    run again", but a cancel that lands while arq itself awaits around the job (reading it from Redis, or
+    ``finish_job`` writing its result: seconds during a Redis outage, while its retries back off) or before the
+    task's first step ends the task cancelled. arq's ``close()`` then raised: ``on_shutdown`` never ran (the
     write-through and the sweeper were not stopped, the pools not closed; nothing is lost, as after a SIGKILL)
-    and the process exited with 1 and a traceback. Here such a task ends quietly once a shutdown has begun.
-    The jobs here are safe to run again, as arq may: ``drain_outbox`` wakes a loop, ``reconcile`` only checks.
+    and the process exited with 1 and a traceback.
+
+    Here ``close()`` waits for the job tasks and lets go of those the shutdown cancelled (one that failed
+    otherwise still raises, as in arq), then waits for arq's result writes still running: they run shielded from
+    the cancel, and without the wait the pool closed under them, so a finished job ran again once arq's
+    in-progress key expired. During a Redis outage that wait lasts as long as arq's retries (``QUEUE_RETRIES``).
     """
 
-    stopping = False
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.finishing: set[asyncio.Future] = set()
 
-    def handle_sig(self, signum: int) -> None:
-        self.stopping = True
-        super().handle_sig(signum)
+    # arq awaits both through asyncio.shield: a task it gets from us is one close() can wait for.
+    def finish_job(self, *args: Any, **kwargs: Any) -> asyncio.Future:  # type: ignore[override]
+        return self._tracked(super().finish_job(*args, **kwargs))
 
-    async def run_job(self, job_id: str, score: int) -> None:
-        try:
-            await super().run_job(job_id, score)
-        except asyncio.CancelledError:
-            if not self.stopping:
-                raise
-            log.info("job %s cancelled by the shutdown while arq awaited Redis for it", job_id)
+    def finish_failed_job(self, *args: Any, **kwargs: Any) -> asyncio.Future:  # type: ignore[override]
+        return self._tracked(super().finish_failed_job(*args, **kwargs))
+
+    def _tracked(self, coro: Any) -> asyncio.Future:
+        task = asyncio.ensure_future(coro)
+        self.finishing.add(task)
+        task.add_done_callback(self.finishing.discard)
+        return task
+
+    async def close(self) -> None:
+        """arq's ``close()``, once the job tasks have ended (a cancelled one is let go) and their result writes too.
+        ``run()`` calls it after a signal has cancelled the jobs; with ``handle_signals=False`` call ``handle_sig``
+        first, or this waits for the running jobs to end."""
+        if self.tasks:
+            await asyncio.wait(self.tasks.values())
+        self.tasks = {job_id: task for job_id, task in self.tasks.items() if not task.cancelled()}
+        if self.finishing:
+            await asyncio.wait(self.finishing)
+        await super().close()
 
 
 class WorkerSettings:
