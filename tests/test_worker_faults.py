@@ -338,7 +338,7 @@ async def test_worker_rides_out_a_redis_restart(pg, inventory, private_settings,
 
 
 # arq's own close of its Redis pool (redis-py 5 deprecates close for aclose)
-pytestmark_arq_close = pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
+ignore_arqs_close_warning = pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
 
 
 def arq_worker(settings, queue: str, **hooks):
@@ -364,7 +364,7 @@ def arq_worker(settings, queue: str, **hooks):
     )
 
 
-@pytestmark_arq_close
+@ignore_arqs_close_warning
 async def test_a_shutdown_while_arq_awaits_around_a_job_still_runs_on_shutdown(private_settings):
     """SIGTERM lands while arq awaits outside its own handling of the job (here its ``on_job_end`` hook): the
     job's task ends cancelled. The worker still runs ``on_shutdown`` and ``close()`` returns. With arq's own
@@ -401,7 +401,7 @@ async def test_a_shutdown_while_arq_awaits_around_a_job_still_runs_on_shutdown(p
         await pool.aclose()
 
 
-@pytestmark_arq_close
+@ignore_arqs_close_warning
 async def test_a_shutdown_while_arq_writes_a_jobs_result_waits_for_the_write(private_settings):
     """SIGTERM lands while arq writes a finished job's result and Redis stalls on that connection (the CI run's
     case): ``close()`` waits for the write, then runs ``on_shutdown``; the result is in Redis and the job is no

@@ -2,8 +2,8 @@
 
 Run it with ``boxoffice worker`` (``run_worker``). arq (https://arq-docs.helpmanual.io/) gives the process
 its life cycle: ``on_startup`` / ``on_shutdown``, SIGINT / SIGTERM handling (the main task is cancelled,
-then ``on_shutdown`` runs; ``Worker`` makes sure it does), the ``drain_outbox`` job and
-the cron schedule (a cron job runs once per tick across all workers: arq's ``unique`` lock).
+then ``on_shutdown`` runs; ``Worker`` makes sure it does), the ``drain_outbox`` job and the cron schedule (a
+cron job runs once per tick across all workers: arq's ``unique`` lock).
 
 The outbox loop is the guarantee that every order is written through; ``drain_outbox`` only wakes it early.
 A SIGKILL loses nothing: entries read but not acked are re-read by the next worker (``workers/outbox.py``).
