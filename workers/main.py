@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import threading
 from typing import Any
 
@@ -215,9 +216,9 @@ class Worker(ArqWorker):
         return task
 
     async def close(self) -> None:
-        """arq's ``close()``, once the job tasks have ended (a cancelled one is let go) and their result writes too.
-        ``run()`` calls it after a signal has cancelled the jobs; with ``handle_signals=False`` call ``handle_sig``
-        first, or this waits for the running jobs to end."""
+        """arq's ``close()``, once the job tasks have ended (a cancelled one is let go) and their result writes too."""
+        if not self._handle_signals:  # arq's close() stops the jobs itself then: before the wait, here
+            self.handle_sig(signal.SIGUSR1)
         if self.tasks:
             await asyncio.wait(self.tasks.values())
         self.tasks = {job_id: task for job_id, task in self.tasks.items() if not task.cancelled()}
