@@ -182,7 +182,7 @@ def _environment_schedule() -> list[CronJob]:
 
 
 class Worker(ArqWorker):
-    """arq's Worker, with a shutdown that always reaches ``on_shutdown`` and lets arq finish writing job results.
+    """arq's Worker, with a shutdown that reaches ``on_shutdown`` whatever step of a job the signal interrupts.
 
     On SIGINT / SIGTERM arq cancels every job task, then ``close()`` gathers them (without ``return_exceptions``)
     before it runs ``on_shutdown``. arq turns a cancel inside the job's own function into "cancelled, will be
@@ -195,7 +195,8 @@ class Worker(ArqWorker):
     Here ``close()`` waits for the job tasks and lets go of those the shutdown cancelled (one that failed
     otherwise still raises, as in arq), then waits for arq's result writes still running: they run shielded from
     the cancel, and without the wait the pool closed under them, so a finished job ran again once arq's
-    in-progress key expired. During a Redis outage that wait lasts as long as arq's retries (``QUEUE_RETRIES``).
+    in-progress key expired. During a Redis outage that wait lasts as long as arq's retries (``QUEUE_RETRIES``);
+    if Redis is still down after them, arq's ``close()`` fails on its own Redis call and the process exits 1.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
