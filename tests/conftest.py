@@ -2,7 +2,9 @@
 
 The servers come from ``service.servers.choose_servers``: REDIS_URL / DATABASE_URL if set, else the local
 defaults if they answer, else embedded ones. Each session migrates its own database and drops it after.
-Every test uses its own event ids, so tests never see each other's keys.
+Every test uses its own event ids (``new_event_id``), so tests never see each other's keys. The Redis is
+shared with `make run` (its database 0 on a developer machine): at its end the session deletes the keys of
+every event id it made (``forget_events``), and nobody else's.
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ import httpx
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from redis import Redis as SyncRedis
 
 from loadtests.local import free_port, throwaway_redis
 from service.app import create_app
 from service.inventory import Inventory
+from service.keys import EVENTS_KEY
 from service.migrate import migrate
 from service.servers import choose_servers
 from service.settings import Settings
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+EVENT_IDS: set[str] = set()
+"""Every event id ``new_event_id`` made in this session: what ``settings`` deletes from Redis at the end."""
 
 
 def _swap_db(url: str, name: str) -> str:
@@ -59,7 +67,30 @@ def database_url(servers) -> str:
 
 @pytest.fixture(scope="session")
 def settings(servers, database_url) -> Settings:
-    return Settings(redis_url=servers.redis_url, database_url=database_url, admin_token="test-admin-token")
+    """The session's settings. Torn down last of the fixtures on the shared Redis (they all depend on it):
+    then the events the session made are deleted from that Redis."""
+    yield Settings(redis_url=servers.redis_url, database_url=database_url, admin_token="test-admin-token")
+    forget_events(servers.redis_url, EVENT_IDS)
+
+
+def forget_events(redis_url: str, event_ids: set[str]) -> int:
+    """Delete every key of the given events (``{evt:<id>}:*``, one SCAN over the ``{evt:`` keys) and their
+    members of ``boxoffice:events``; leave every other key alone. Returns how many keys went."""
+    gone = 0
+    with SyncRedis.from_url(redis_url) as r:
+        batch: list[bytes] = []
+        for key in r.scan_iter(match="{evt:*", count=1000):
+            if key[5 : key.find(b"}")].decode(errors="replace") in event_ids:
+                batch.append(key)
+            if len(batch) >= 500:
+                gone += r.unlink(*batch)
+                batch.clear()
+        if batch:
+            gone += r.unlink(*batch)
+        members = [m for m in r.smembers(EVENTS_KEY) if m.decode(errors="replace") in event_ids]
+        if members:
+            r.srem(EVENTS_KEY, *members)
+    return gone
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +127,10 @@ async def redis(settings) -> AsyncIterator[aioredis.Redis]:
 
 
 def new_event_id(tag: str = "evt") -> str:
-    return f"{tag}-{uuid.uuid4().hex[:12]}"
+    """A fresh event id, remembered in EVENT_IDS so that the session deletes its keys at the end."""
+    event_id = f"{tag}-{uuid.uuid4().hex[:12]}"
+    EVENT_IDS.add(event_id)
+    return event_id
 
 
 def event_body(event_id: str | None = None, **overrides) -> dict:
