@@ -8,6 +8,7 @@ URLs are exported to the environment so child processes (uvicorn workers) use th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -60,20 +61,23 @@ def serve(
     import tempfile
 
     settings = resolve_settings()
-    if not _export_metrics_dir(settings):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="boxoffice-metrics-")
+    with contextlib.ExitStack() as stack:
+        if not _export_metrics_dir(settings):
+            # the workers' metric files, for this serve only: removed when it stops
+            temporary = tempfile.TemporaryDirectory(prefix="boxoffice-metrics-", ignore_cleanup_errors=True)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(temporary)
 
-    from service import serving
-    from service.migrate import migrate
+        from service import serving
+        from service.migrate import migrate
 
-    if migrate_first:
-        migrate(settings.database_url)
-    serving.run(
-        settings,
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=workers or settings.web_workers,
-    )
+        if migrate_first:
+            migrate(settings.database_url)
+        serving.run(
+            settings,
+            host=host or settings.host,
+            port=port or settings.port,
+            workers=workers or settings.web_workers,
+        )
 
 
 @app.command()

@@ -40,10 +40,13 @@ New connections go to the other workers until the replacement has bound a new so
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from service.settings import Settings
@@ -101,7 +104,8 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         held = sockets
     try:
         if workers == 1:
-            uvicorn.Server(config).run(sockets=sockets)
+            with _sigterm_returns():
+                uvicorn.Server(config).run(sockets=sockets)
             return
         try:
             from uvicorn.supervisors import Multiprocess
@@ -119,6 +123,31 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         pass  # uvicorn raises the SIGINT again once it has shut down; uvicorn.run swallows it too
     finally:
         close_all(held)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop serving and return, as on SIGINT."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_returns() -> Iterator[None]:
+    """Around one worker's ``Server.run``: a SIGTERM ends it as SIGINT does, and ``run`` returns.
+
+    uvicorn's Server shuts down on SIGTERM, then raises the signal again with the handler it found
+    (``Server.capture_signals``, since uvicorn 0.29): with Python's default one the process died there (exit
+    143) and skipped its clean-up, such as removing its metrics folder. Several workers' supervisor returns
+    on SIGTERM; now one worker does too."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def reuse_port_supported() -> bool:

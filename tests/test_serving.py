@@ -372,13 +372,24 @@ def test_serve_exits_3_when_a_worker_fails_to_start(settings, tmp_path, workers)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_stops_serve_with_exit_code_0(settings, tmp_path, workers):
-    """As with uvicorn.run: uvicorn raises the SIGINT again after its shutdown, which is not an error."""
-    api, port = _serve(settings, tmp_path, workers)
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stopped_serve_exits_0_and_removes_its_metrics_folder(settings, tmp_path, workers, how):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM to serve alone (as `docker stop`
+    or a process manager sends it): exit 0 once uvicorn has shut down, as uvicorn.run does for a Ctrl-C, and
+    the metrics folder serve made for itself (no PROMETHEUS_MULTIPROC_DIR given) is gone. With one worker,
+    uvicorn raised the SIGTERM again after its shutdown, and serve died of it: exit 143, folder left."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    api, port = _serve(settings, tmp_path, workers, TMPDIR=str(tmp))
     try:
         wait_ready(f"http://127.0.0.1:{port}", api)
-        os.killpg(api.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+        assert len(list(tmp.glob("boxoffice-metrics-*"))) == 1
+        if how == "ctrl-c":
+            os.killpg(api.pid, signal.SIGINT)
+        else:
+            api.send_signal(signal.SIGTERM)
         assert api.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+        assert list(tmp.glob("boxoffice-metrics-*")) == []
     finally:
         stop_process(api)
 
