@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,7 @@ def redis_with(*args: str) -> Iterator[Path]:
         yield workdir
     finally:
         stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait_ping(client: redis.Redis) -> None:
