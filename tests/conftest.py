@@ -24,9 +24,9 @@ import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
 
 from loadtests.local import free_port, throwaway_redis
+from service import keys
 from service.app import create_app
 from service.inventory import Inventory
-from service.keys import EVENTS_KEY
 from service.migrate import migrate
 from service.servers import choose_servers
 from service.settings import Settings
@@ -74,22 +74,23 @@ def settings(servers, database_url) -> Settings:
 
 
 def forget_events(redis_url: str, event_ids: set[str]) -> int:
-    """Delete every key of the given events (``{evt:<id>}:*``, one SCAN over the ``{evt:`` keys) and their
+    """Delete every key of the given events (``{evt:<id>}:*``, one SCAN over the ``{evt:*}:*`` keys) and their
     members of ``boxoffice:events``; leave every other key alone. Returns how many keys went."""
     gone = 0
     with SyncRedis.from_url(redis_url) as r:
         batch: list[bytes] = []
-        for key in r.scan_iter(match="{evt:*", count=1000):
-            if key[5 : key.find(b"}")].decode(errors="replace") in event_ids:
+        head = keys.prefix("").encode()[:-2]  # b"{evt:"
+        for key in r.scan_iter(match=keys.prefix("*") + "*", count=1000):
+            if key[len(head) : key.find(b"}")].decode(errors="replace") in event_ids:
                 batch.append(key)
             if len(batch) >= 500:
                 gone += r.unlink(*batch)
                 batch.clear()
         if batch:
             gone += r.unlink(*batch)
-        members = [m for m in r.smembers(EVENTS_KEY) if m.decode(errors="replace") in event_ids]
+        members = [m for m in r.smembers(keys.EVENTS_KEY) if m.decode(errors="replace") in event_ids]
         if members:
-            r.srem(EVENTS_KEY, *members)
+            r.srem(keys.EVENTS_KEY, *members)
     return gone
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from conftest import ADMIN, EVENT_IDS, event_body, forget_events
+from conftest import ADMIN, EVENT_IDS, event_body, forget_events, new_event_id
 
 from service import keys
 
@@ -31,7 +31,7 @@ async def _event_with_a_hold_and_an_order(client, event_id: str) -> None:
 
 
 async def test_forget_events_deletes_every_key_of_its_events_and_no_one_elses(settings, client, redis):
-    mine = f"evt-{uuid.uuid4().hex[:12]}"
+    mine = new_event_id()
     # an id new_event_id did not make: someone else's event on the same Redis, e.g. `make run`'s
     others = f"other-{uuid.uuid4().hex[:12]}"
     EVENT_IDS.add(others)  # only so that the session deletes it at its end, whatever this test does
