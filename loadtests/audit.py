@@ -18,6 +18,12 @@ Order of work, each wait bounded:
 3. Snapshot Redis (zone counters, seat owners) and PostgreSQL (orders, order_items, zones.sold,
    dead_letters) and run the checks in ``CHECKS``.
 
+An event that is not in Redis (a Redis that lost it, or a ``REDIS_URL`` that is not the service's) fails the
+``counters`` check; the audit then still checks what PostgreSQL and the acks alone can tell (every ack in
+PostgreSQL once, no seat in two orders, no zone sold past capacity, zones.sold, dead letters, confirms after
+the acks' expiry), skips steps 1 and 2, and reports the checks that need Redis as not run (``NEEDS_REDIS``),
+not as passed.
+
 Acks are the run's JSON lines (``loadtests/common.py`` writes them), one object per line:
 ``{"kind": "confirmed", "event_id", "order_id", "hold_id", "items", "confirmed_at_ms", "expires_at_ms"}``
 for every ``201`` of a confirm, and ``{"kind": "abandoned"|"released"|"expired", "event_id", "hold_id"}``
@@ -71,6 +77,16 @@ CHECKS: dict[str, str] = {
     "late_confirms": "no order confirmed at or after its hold's expires_at (the ack's, or the hold record's in Redis)",
 }
 
+NEEDS_REDIS = ("drain", "holds", "reaping", "unknown_orders")
+"""Checks not run at all when the event is not in Redis."""
+WITHOUT_REDIS: dict[str, str] = {
+    "capacity": "no zone sold past capacity (PostgreSQL order items, zones.sold)",
+    "seats": "no seat in two orders (PostgreSQL, acks)",
+    "redis_pg": "PostgreSQL order items agree with zones.sold per zone",
+    "late_confirms": "no order confirmed at or after the expires_at of its ack",
+}
+"""What each check that runs in part covers when the event is not in Redis."""
+
 
 @dataclass
 class Violation:
@@ -83,9 +99,10 @@ class ZoneAudit:
     zone_id: str
     kind: str
     capacity: int
-    redis_available: int
-    redis_held: int
-    redis_sold: int
+    redis_available: int | None
+    redis_held: int | None
+    redis_sold: int | None
+    """None: the event is not in Redis."""
     pg_sold: int
     """Tickets in PostgreSQL order_items of this zone."""
     pg_counter: int
@@ -106,6 +123,8 @@ class AuditReport:
     """Expired holds found still active past the grace, then reaped by the audit (each one a ``reaping``
     failure; the sweeper may have got to some of them just before the audit did)."""
     active_holds: int = 0
+    in_redis: bool = True
+    """False when the event is not in Redis: only PostgreSQL and the acks were checked (``NEEDS_REDIS``)."""
     acks_checked: bool = True
     """False when the audit was given no acks (``acks=None``): the ``acks`` check was skipped, not passed."""
     write_lag_ms: dict[str, float] = field(default_factory=dict)
@@ -142,9 +161,7 @@ class AuditReport:
                 z.zone_id,
                 z.kind,
                 str(z.capacity),
-                str(z.redis_sold),
-                str(z.redis_held),
-                str(z.redis_available),
+                *("-" if n is None else str(n) for n in (z.redis_sold, z.redis_held, z.redis_available)),
                 str(z.pg_sold),
                 str(z.pg_counter),
             )
@@ -162,6 +179,10 @@ class AuditReport:
             detail = what if not found else "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")
             if name == "acks" and not found and not self.acks_checked:
                 result, detail = "[yellow]skipped[/yellow]", "no acks given (--acks): no 201 was checked"
+            elif not self.in_redis and name in NEEDS_REDIS:
+                result, detail = "[yellow]not run[/yellow]", "the event is not in Redis"
+            elif not self.in_redis and not found and name in WITHOUT_REDIS:
+                detail = f"without Redis, only: {WITHOUT_REDIS[name]}"
             ct.add_row(name, result, detail)
         console.print(ct)
         lag = self.write_lag_ms
@@ -398,6 +419,67 @@ async def drain(redis: aioredis.Redis, event_id: str, timeout_seconds: float) ->
 # The audit -----------------------------------------------------------------------------------------
 
 
+async def _settle_and_snapshot_redis(
+    report: AuditReport,
+    redis: aioredis.Redis,
+    inventory: Inventory,
+    event_id: str,
+    *,
+    drain_timeout_seconds: float,
+    hold_expiry_timeout_seconds: float | None,
+    reap_grace_seconds: float,
+) -> tuple[list[str], dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """Steps 1 and 2 of the module docstring (their violations go into ``report``; holds still active come
+    first of all), then one snapshot of the event's zones in Redis. Returns (zone ids, zone hashes by zone,
+    seat owners by zone)."""
+    expiry_timeout = (
+        drain_timeout_seconds if hold_expiry_timeout_seconds is None else hold_expiry_timeout_seconds
+    )
+    left = await _expire_holds(redis, inventory, event_id, expiry_timeout, reap_grace_seconds)
+    report.holds_reaped, report.active_holds = left.overdue, left.active
+    if left.overdue:
+        report.add(
+            "reaping",
+            f"{left.overdue} expired holds were still active {reap_grace_seconds:g} s after their expiry (one "
+            f"{left.most_overdue_ms / 1000:.1f} s after): the service did not reap them in time (is `boxoffice "
+            "worker` running, its sweeper failing?); the audit then reaped them for the checks below",
+        )
+    report.outbox_backlog = await drain(redis, event_id, drain_timeout_seconds)
+    if report.outbox_backlog:
+        report.add(
+            "drain",
+            f"{report.outbox_backlog} outbox entries not written through after "
+            f"{drain_timeout_seconds:g} s (is `boxoffice worker` running?)",
+        )
+
+    # Snapshot
+    zone_ids = [z["zone_id"] for z in (await inventory.availability(event_id))["zones"]]
+    slots = SlotClients(redis)  # one slot, one MULTI: a consistent snapshot (on a cluster, on its node)
+    try:
+        async with (await slots.for_key(keys.meta(event_id))).pipeline(transaction=True) as pipe:
+            for z in zone_ids:
+                pipe.hgetall(keys.zone(event_id, z))
+                pipe.hgetall(keys.owners(event_id, z))
+            raw = await pipe.execute()
+    finally:
+        await slots.aclose()
+    redis_zones = {z: {_s(k): _s(v) for k, v in raw[2 * i].items()} for i, z in enumerate(zone_ids)}
+    redis_owners = {z: {_s(k): _s(v) for k, v in raw[2 * i + 1].items()} for i, z in enumerate(zone_ids)}
+    if report.active_holds:  # first of all violations: it explains the zones' held counts
+        if left.next_expiry_seconds > 0:
+            why = (
+                f"the next expires in {left.next_expiry_seconds:.1f} s, past the {expiry_timeout:g} s the audit "
+                f"may wait for TTLs (waited {left.waited_seconds:.1f} s; --hold-expiry-timeout)"
+            )
+        else:
+            why = (
+                f"holds kept expiring until the audit's wait ended (waited {left.waited_seconds:.1f} s): is the "
+                "sale still running?"
+            )
+        report.violations.insert(0, Violation("holds", f"{report.active_holds} holds still active: {why}"))
+    return zone_ids, redis_zones, redis_owners
+
+
 async def audit_event(
     redis: aioredis.Redis,
     pg: Any,
@@ -423,48 +505,30 @@ async def audit_event(
     report.acks = len(confirms)
     report.acks_checked = acks is not None
 
-    if not await inventory.event_exists(event_id):
-        report.add("counters", f"event {event_id} is not in Redis")
-        return report
-    expiry_timeout = (
-        drain_timeout_seconds if hold_expiry_timeout_seconds is None else hold_expiry_timeout_seconds
-    )
-    left = await _expire_holds(redis, inventory, event_id, expiry_timeout, reap_grace_seconds)
-    report.holds_reaped, report.active_holds = left.overdue, left.active
-    if left.overdue:
-        report.add(
-            "reaping",
-            f"{left.overdue} expired holds were still active {reap_grace_seconds:g} s after their expiry (one "
-            f"{left.most_overdue_ms / 1000:.1f} s after): the service did not reap them in time (is `boxoffice "
-            "worker` running, its sweeper failing?); the audit then reaped them for the checks below",
+    report.in_redis = in_redis = await inventory.event_exists(event_id)
+    if in_redis:
+        zone_ids, redis_zones, redis_owners = await _settle_and_snapshot_redis(
+            report,
+            redis,
+            inventory,
+            event_id,
+            drain_timeout_seconds=drain_timeout_seconds,
+            hold_expiry_timeout_seconds=hold_expiry_timeout_seconds,
+            reap_grace_seconds=reap_grace_seconds,
         )
-    report.outbox_backlog = await drain(redis, event_id, drain_timeout_seconds)
-    if report.outbox_backlog:
+    else:
         report.add(
-            "drain",
-            f"{report.outbox_backlog} outbox entries not written through after "
-            f"{drain_timeout_seconds:g} s (is `boxoffice worker` running?)",
+            "counters",
+            f"event {event_id} is not in Redis: only PostgreSQL and the acks were checked (is REDIS_URL the "
+            "service's Redis? did it lose the event?)",
         )
-
-    # Snapshot: Redis
-    zone_ids = [z["zone_id"] for z in (await inventory.availability(event_id))["zones"]]
-    slots = SlotClients(redis)  # one slot, one MULTI: a consistent snapshot (on a cluster, on its node)
-    try:
-        async with (await slots.for_key(keys.meta(event_id))).pipeline(transaction=True) as pipe:
-            for z in zone_ids:
-                pipe.hgetall(keys.zone(event_id, z))
-                pipe.hgetall(keys.owners(event_id, z))
-            raw = await pipe.execute()
-    finally:
-        await slots.aclose()
-    redis_zones = {z: {_s(k): _s(v) for k, v in raw[2 * i].items()} for i, z in enumerate(zone_ids)}
-    redis_owners = {z: {_s(k): _s(v) for k, v in raw[2 * i + 1].items()} for i, z in enumerate(zone_ids)}
+        zone_ids, redis_zones, redis_owners = [], {}, {}
 
     # Snapshot: PostgreSQL
     pg_zones = {
         r["zone_id"]: r
         for r in await pg.fetch(
-            "SELECT zone_id, kind, capacity, sold FROM zones WHERE event_id = $1", event_id
+            "SELECT zone_id, kind, capacity, sold FROM zones WHERE event_id = $1 ORDER BY position", event_id
         )
     }
     rows = await pg.fetch(
@@ -475,6 +539,8 @@ async def audit_event(
     dead = await pg.fetch("SELECT order_id, reason FROM dead_letters WHERE event_id = $1", event_id)
     if not pg_zones:
         report.add("redis_pg", f"event {event_id} has no zones in PostgreSQL")
+    if not in_redis:
+        zone_ids = list(pg_zones)
 
     orders: dict[str, dict[str, Any]] = {}
     pg_sold: Counter = Counter()
@@ -502,26 +568,33 @@ async def audit_event(
 
     # Zones: capacity, counters, Redis vs PostgreSQL, stock back after expiry
     for z in zone_ids:
-        rz, pz = redis_zones[z], pg_zones.get(z)
-        cap = int(rz.get("capacity", 0))
-        za = ZoneAudit(
-            z,
-            rz.get("kind", "?"),
-            cap,
-            int(rz.get("available", 0)),
-            int(rz.get("held", 0)),
-            int(rz.get("sold", 0)),
-            pg_sold.get(z, 0),
-            pz["sold"] if pz else 0,
-        )
+        rz, pz = redis_zones.get(z), pg_zones.get(z)
+        if rz is None:  # the event is not in Redis: PostgreSQL's zones
+            za = ZoneAudit(z, pz["kind"], pz["capacity"], None, None, None, pg_sold.get(z, 0), pz["sold"])
+        else:
+            za = ZoneAudit(
+                z,
+                rz.get("kind", "?"),
+                int(rz.get("capacity", 0)),
+                int(rz.get("available", 0)),
+                int(rz.get("held", 0)),
+                int(rz.get("sold", 0)),
+                pg_sold.get(z, 0),
+                pz["sold"] if pz else 0,
+            )
         report.zones.append(za)
+        cap = za.capacity
         for where, sold in (
             ("Redis", za.redis_sold),
             ("PostgreSQL items", za.pg_sold),
             ("PostgreSQL zones.sold", za.pg_counter),
         ):
-            if sold > cap:
+            if sold is not None and sold > cap:
                 report.add("capacity", f"{z}: {where} sold {sold} > capacity {cap}")
+        if rz is None:
+            if za.pg_counter != za.pg_sold:
+                report.add("redis_pg", f"{z}: sold PostgreSQL items {za.pg_sold}, zones.sold {za.pg_counter}")
+            continue
         if pz is not None and pz["capacity"] != cap:
             report.add("redis_pg", f"{z}: capacity Redis {cap} != PostgreSQL {pz['capacity']}")
         if (
@@ -544,25 +617,13 @@ async def audit_event(
                 f"{z}: held {za.redis_held}, available {za.redis_available} != capacity - sold "
                 f"{cap - za.redis_sold}",
             )
-    if report.active_holds:  # first of its check: it explains the zones' held counts above
-        if left.next_expiry_seconds > 0:
-            why = (
-                f"the next expires in {left.next_expiry_seconds:.1f} s, past the {expiry_timeout:g} s the audit "
-                f"may wait for TTLs (waited {left.waited_seconds:.1f} s; --hold-expiry-timeout)"
-            )
-        else:
-            why = (
-                f"holds kept expiring until the audit's wait ended (waited {left.waited_seconds:.1f} s): is the "
-                "sale still running?"
-            )
-        report.violations.insert(0, Violation("holds", f"{report.active_holds} holds still active: {why}"))
 
     # Seats: one order per seat in PostgreSQL; Redis owners agree both ways
     for (z, seat), ids in pg_seat_orders.items():
         if len(ids) > 1:
             report.add("seats", f"{z}/{seat} in PostgreSQL orders {', '.join(ids)}")
         owner = redis_owners.get(z, {}).get(seat)
-        if owner != f"s:{ids[0]}":
+        if in_redis and owner != f"s:{ids[0]}":
             report.add("seats", f"{z}/{seat}: PostgreSQL order {ids[0]}, Redis owner {owner}")
     for z, owners in redis_owners.items():
         for seat, owner in owners.items():
@@ -614,7 +675,7 @@ async def audit_event(
             )
     # Every order, acked or not (a 201 lost to a timeout), against its hold record (kept for
     # hold_retention_seconds): the confirm script must refuse a hold at or past its expires_at_ms.
-    if orders:
+    if orders and in_redis:
         ids = list(orders)
         async with redis.pipeline(transaction=False) as pipe:
             for oid in ids:
@@ -632,7 +693,7 @@ async def audit_event(
 
     # Orders nobody acked must be known to Redis (a lost 201), else they came from nowhere
     unacked = [oid for oid in orders if oid not in acked_orders]
-    if unacked:
+    if unacked and in_redis:
         async with redis.pipeline(transaction=False) as pipe:
             for oid in unacked:
                 pipe.get(keys.order(event_id, oid))
@@ -653,7 +714,7 @@ async def audit_event(
     # Holds the run abandoned / released / confirmed too late ended the way they should
     expected = {"abandoned": "expired", "expired": "expired", "released": "released"}
     ended = [a for a in acks or () if a.get("kind") in expected]
-    if ended:
+    if ended and in_redis:
         async with redis.pipeline(transaction=False) as pipe:
             for a in ended:
                 pipe.hget(keys.hold(event_id, a["hold_id"]), "status")

@@ -376,10 +376,63 @@ async def test_planted_fault_fails_the_audit(fault, inventory, rclient, pg, priv
 
 
 async def test_unknown_event_fails(rclient, pg, private_settings):
-    report = await audit_event(
-        rclient, pg, new_event_id("nope"), [], drain_timeout_seconds=0.1, settings=private_settings
-    )
-    assert not report.ok
+    """Neither store knows the event (the audit pointed at the wrong servers, say): the run's acks still
+    tell what is missing."""
+    eid = new_event_id("nope")
+    ack = {"kind": "confirmed", "event_id": eid, "order_id": "o_1", "hold_id": "h_1", "items": []}
+    report = await audit_event(rclient, pg, eid, [ack], drain_timeout_seconds=0.1, settings=private_settings)
+    assert checks_failed(report) == {"counters", "redis_pg", "acks"}, report.violations
+    assert [v.detail for v in report.violations if v.check == "acks"] == [
+        "acked order o_1 is not in PostgreSQL"
+    ]
+
+
+async def forget_in_redis(rclient, event_id: str) -> None:
+    """What a Redis that lost the event (or a REDIS_URL that is not the service's) shows the audit."""
+    gone = [k async for k in rclient.scan_iter(match=keys.prefix(event_id) + "*")]
+    assert gone
+    await rclient.unlink(*gone)
+    await rclient.srem(keys.EVENTS_KEY, event_id)
+
+
+async def test_an_event_missing_from_redis_still_has_postgresql_and_the_acks_checked(
+    inventory, rclient, pg, private_settings, capsys
+):
+    """The durable record still answers for every acked order and seat; the checks that need Redis say
+    they did not run instead of passing."""
+    from rich.console import Console
+
+    eid, acks = await small_sale(inventory, rclient, pg, private_settings)
+    await forget_in_redis(rclient, eid)
+
+    report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=5, settings=private_settings)
+    assert not report.in_redis
+    assert checks_failed(report) == {"counters"}, report.violations
+    assert [(z.zone_id, z.capacity, z.redis_sold, z.pg_sold, z.pg_counter) for z in report.zones] == [
+        ("ga", 10, None, 3, 3),
+        ("s", 4, None, 2, 2),
+    ]
+    report.render(Console(width=200))
+    rows = {
+        ln.strip("│ ").split()[0]: ln
+        for ln in capsys.readouterr().out.splitlines()
+        if ln.startswith("│") and ln.strip("│ ").split()
+    }
+    for name in ("drain", "holds", "reaping", "unknown_orders"):
+        assert "not run" in rows[name] and " ok " not in rows[name], rows[name]
+    for name in ("capacity", "seats", "redis_pg", "late_confirms", "acks", "dead_letters"):
+        assert " ok " in rows[name], rows[name]
+    assert "without Redis, only" in rows["seats"]
+    assert rows["ga"].split("│")[4].strip() == "-"  # Redis sold
+
+    # what PostgreSQL and the acks alone still catch: a lost write, a seat acked into two orders, and
+    # zones.sold past what the order items hold
+    await _plant_lost_write(_Ctx(eid=eid, acks=acks, pg=pg))
+    seat_ack = next(a for a in acks if a.get("items", [{}])[0].get("seats"))
+    acks.append({**seat_ack, "order_id": "o_again", "hold_id": "h_again"})
+    await pg.execute("UPDATE zones SET sold = sold + 1 WHERE event_id = $1 AND zone_id = 's'", eid)
+    report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=5, settings=private_settings)
+    assert checks_failed(report) == {"counters", "acks", "seats", "redis_pg"}, report.violations
 
 
 async def test_holds_past_the_expiry_timeout_are_named_first_with_the_real_wait(
