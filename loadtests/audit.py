@@ -117,7 +117,8 @@ class AuditReport:
     orders: int = 0
     """Orders of the event in PostgreSQL."""
     unacked_orders: int = 0
-    """Orders Redis confirmed that the run never saw a 201 for (informational)."""
+    """Orders Redis confirmed that the run never saw a 201 for (informational); when the event is not in Redis,
+    the PostgreSQL orders not acked, unchecked."""
     outbox_backlog: int = 0
     holds_reaped: int = 0
     """Expired holds found still active past the grace, then reaped by the audit (each one a ``reaping``
@@ -137,6 +138,26 @@ class AuditReport:
 
     def add(self, check: str, detail: str) -> None:
         self.violations.append(Violation(check, detail))
+
+    def check_rows(self) -> list[tuple[str, str, str]]:
+        """The checks table: (check, result, detail) per check in ``CHECKS``, with result one of "ok",
+        "N violation(s)", "skipped" (no acks given) or "not run" (the event is not in Redis)."""
+        by_check: dict[str, list[str]] = defaultdict(list)
+        for v in self.violations:
+            by_check[v.check].append(v.detail)
+        rows = []
+        for name, what in CHECKS.items():
+            found = by_check.get(name, [])
+            result = "ok" if not found else f"{len(found)} violation(s)"
+            detail = what if not found else "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")
+            if not found and name == "acks" and not self.acks_checked:
+                result, detail = "skipped", "no acks given (--acks): no 201 was checked"
+            elif not found and not self.in_redis and name in NEEDS_REDIS:
+                result, detail = "not run", "the event is not in Redis"
+            elif not found and not self.in_redis and name in WITHOUT_REDIS:
+                detail = f"without Redis, only: {WITHOUT_REDIS[name]}"
+            rows.append((name, result, detail))
+        return rows
 
     def render(self, console: Any = None) -> None:
         """Print the zone table, the checks table and the verdict (rich)."""
@@ -166,24 +187,13 @@ class AuditReport:
                 str(z.pg_counter),
             )
         console.print(zt)
-        by_check: dict[str, list[str]] = defaultdict(list)
-        for v in self.violations:
-            by_check[v.check].append(v.detail)
         ct = Table(title="Checks")
         ct.add_column("check")
         ct.add_column("result")
         ct.add_column("what")
-        for name, what in CHECKS.items():
-            found = by_check.get(name, [])
-            result = "[green]ok[/green]" if not found else f"[red]{len(found)} violation(s)[/red]"
-            detail = what if not found else "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")
-            if name == "acks" and not found and not self.acks_checked:
-                result, detail = "[yellow]skipped[/yellow]", "no acks given (--acks): no 201 was checked"
-            elif not self.in_redis and name in NEEDS_REDIS:
-                result, detail = "[yellow]not run[/yellow]", "the event is not in Redis"
-            elif not self.in_redis and not found and name in WITHOUT_REDIS:
-                detail = f"without Redis, only: {WITHOUT_REDIS[name]}"
-            ct.add_row(name, result, detail)
+        colour = {"ok": "green", "skipped": "yellow", "not run": "yellow"}
+        for name, result, detail in self.check_rows():
+            ct.add_row(name, f"[{colour.get(result, 'red')}]{result}[/]", detail)
         console.print(ct)
         lag = self.write_lag_ms
         lag_text = (
@@ -191,10 +201,16 @@ class AuditReport:
             if lag
             else "write-through lag: no orders"
         )
-        console.print(
-            f"acks {self.acks}, PostgreSQL orders {self.orders}, confirmed but not acked "
-            f"{self.unacked_orders}, expired holds left unreaped past the grace {self.holds_reaped}; {lag_text}"
-        )
+        if self.in_redis:
+            console.print(
+                f"acks {self.acks}, PostgreSQL orders {self.orders}, confirmed but not acked "
+                f"{self.unacked_orders}, expired holds left unreaped past the grace {self.holds_reaped}; {lag_text}"
+            )
+        else:
+            console.print(
+                f"acks {self.acks}, PostgreSQL orders {self.orders}, of them not acked {self.unacked_orders} (not "
+                f"checked against Redis), holds not checked: the event is not in Redis; {lag_text}"
+            )
         if self.ok:
             console.print(f"[bold green]PASS[/bold green] {self.event_id}: 0 violations")
         else:
@@ -693,7 +709,9 @@ async def audit_event(
 
     # Orders nobody acked must be known to Redis (a lost 201), else they came from nowhere
     unacked = [oid for oid in orders if oid not in acked_orders]
-    if unacked and in_redis:
+    if not in_redis:
+        report.unacked_orders = len(unacked)
+    elif unacked:
         async with redis.pipeline(transaction=False) as pipe:
             for oid in unacked:
                 pipe.get(keys.order(event_id, oid))
