@@ -26,7 +26,9 @@ the test first. The acks directory must be shared by all Locust processes (one m
 files together and run ``boxoffice audit`` (an audit given no ack file of the event refuses, exit 2).
 
 The audit reads Redis and PostgreSQL directly: give the Locust process ``REDIS_URL`` and ``DATABASE_URL``
-of the deployment under test (``--skip-audit`` to leave it out).
+of the deployment under test (``--skip-audit`` to leave it out). The set-up checks that they hold the sale's
+event (``audit_can_see``) before any traffic: a run whose audit would read other servers fails at its start,
+not after it.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ then gets a new event rather than the last run's (a different id typed there is 
 _stopped_workers: set[str] = set()
 HOLD_EXPIRY_MARGIN_SECONDS = 10
 """The audit waits for holds at least ``--hold-ttl`` + this (the run's last holds expire --hold-ttl after it)."""
+AUDIT_CHECK_TIMEOUT_SECONDS = 120
+"""At most this long for ``audit_can_see`` (embedded servers may have to start when no URL is set)."""
 
 
 def current_sale() -> Sale | None:
@@ -157,7 +161,10 @@ def add_arguments(parser: Any, *, tickets: int, hold_ttl_seconds: int, demand_ra
     )
     g.add_argument("--acks-dir", default=str(DEFAULT_ACKS_DIR), help="Where each process writes its acks.")
     g.add_argument(
-        "--skip-audit", action="store_true", default=False, help="Don't run the audit at test_stop."
+        "--skip-audit",
+        action="store_true",
+        default=False,
+        help="Don't run the audit at test_stop, nor check at the start that its Redis and PostgreSQL hold the event.",
     )
     g.add_argument(
         "--audit-drain-timeout",
@@ -285,6 +292,8 @@ def install(make_body: Any, *, id_prefix: str) -> None:
                             "event %s is new: acks of an earlier sale of that id moved to %s", event_id, moved
                         )
                 log.info("event %s %s", event_id, "created" if created else "exists; using it")
+                if not options.skip_audit:
+                    audit_can_see(event_id)
                 options.event_id = event_id  # sent to workers with each spawn message
             if isinstance(runner, MasterRunner):
                 _stopped_workers.clear()
@@ -362,6 +371,29 @@ def _stop_workers(runner: MasterRunner) -> None:
         gevent.sleep(0.2)
     if not expected <= _stopped_workers:
         log.warning("workers %s did not confirm they stopped; auditing anyway", expected - _stopped_workers)
+
+
+def audit_can_see(event_id: str) -> None:
+    """Raise RuntimeError unless the Redis and PostgreSQL the audit will read (this process's ``REDIS_URL`` and
+    ``DATABASE_URL``, resolved as ``boxoffice audit`` resolves them) both hold ``event_id``, which the API has
+    just set up. Runs ``boxoffice event show`` in a child process, as ``run_audit`` runs the audit; it exits 2
+    for an event missing from either store, 1 for a store it cannot reach."""
+    cmd = [sys.executable, "-m", "service.cli", "event", "show", event_id]
+    done = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=AUDIT_CHECK_TIMEOUT_SECONDS
+    )
+    if done.returncode == 0:
+        return
+    try:
+        why = orjson.loads(done.stderr)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        why = lines[-1] if lines else f"exit code {done.returncode}"
+    raise RuntimeError(
+        f"the audit could not read event {event_id} from the Redis and PostgreSQL this Locust process reads "
+        f"(`boxoffice event show`: {why}): give Locust the deployment's REDIS_URL and DATABASE_URL, or "
+        "--skip-audit"
+    )
 
 
 def run_audit(

@@ -8,6 +8,7 @@ consume this sale's outbox) and the session's PostgreSQL database. Locust runs a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -151,6 +152,38 @@ def test_flash_sale_run_fails_on_a_planted_oversell(live_api, tmp_path, stopped_
     text = out.decode(errors="replace")
     assert proc.returncode == 1, text[-4000:]
     assert f"FAIL {event_id}" in text.replace("\n", " ")
+
+
+def test_a_run_whose_audit_would_read_other_servers_fails_before_any_traffic(live_api, tmp_path):
+    """Locust given another Redis than the service's (here: another database of it): the audit at the end
+    could not find the event, so the set-up fails at the start. No hold is made, nothing is audited, exit 1."""
+    base, env, redis_url = live_api
+    event_id = f"smoke-{uuid.uuid4().hex[:10]}"
+    elsewhere = redis_url.rsplit("/", 1)[0] + "/5"
+    assert elsewhere != redis_url
+    started = time.monotonic()
+    proc = locust(base, {**env, "REDIS_URL": elsewhere}, tmp_path, event_id, seconds=20)
+    out, _ = proc.communicate(timeout=90)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 1, text[-4000:]
+    assert f"the audit could not read event {event_id}" in text.replace("\n", " "), text[-4000:]
+    assert "event_not_found" in text and "auditing:" not in text, text[-4000:]
+    assert time.monotonic() - started < 20  # it did not run its 20 s
+    r = redis.Redis.from_url(redis_url)
+    assert r.exists(keys.meta(event_id))  # the API did set the sale up
+    assert int(r.hget(keys.zone(event_id, "floor"), "held")) == 0
+    assert int(r.hget(keys.zone(event_id, "floor"), "sold")) == 0
+    assert not r.exists(keys.expiry(event_id))  # no hold was ever made
+
+    # --skip-audit: no audit at the end, so no check at the start either; the run goes ahead
+    skip = ("--sale-tickets", "40", "--skip-audit")
+    proc = locust(base, {**env, "REDIS_URL": elsewhere}, tmp_path, event_id, seconds=2, options=skip)
+    out, _ = proc.communicate(timeout=90)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    assert "could not read event" not in text and "auditing:" not in text, text[-4000:]
+    holds = re.search(r"POST\s+POST holds\s+(\d+)", text)
+    assert holds and int(holds.group(1)) > 0, text[-4000:]
 
 
 def _wait_for(predicate, timeout_seconds: float, what: str, log_path: Path) -> None:
