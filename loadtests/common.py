@@ -11,8 +11,9 @@ One ``Sale`` per Locust process, set up on ``test_start``:
 
 Each run (also each one started from the web UI) sets up its sale anew: the event id the UI's form holds is
 used, but the id this process made up for its previous run (which the form may show back) means a new event.
-If the set-up fails (the API refuses the admin token, is down, ...) the run sends no traffic, is not audited,
-stops (headless: Locust quits) and the process exits 1; nothing of an earlier run's sale is reused. When the
+If the set-up fails (the API refuses the admin token, is down, the audit's stores lack the event, ...) the run
+sends no traffic, is not audited, stops (headless: Locust quits) and the process exits 1; nothing of an earlier
+run's sale is reused. A run stopped while its set-up still waits (its ``-t`` ran out) exits 1 as well. When the
 event is created now, acks left in ``<acks dir>/<event_id>/`` by an earlier sale of that id (a deployment
 reset since) are moved aside first.
 
@@ -37,6 +38,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -304,6 +306,14 @@ def install(make_body: Any, *, id_prefix: str) -> None:
         except Exception as exc:  # RuntimeError from the API's answers, requests' connection errors
             _fail_setup(environment, exc)
             return
+        except BaseException:
+            # GreenletExit: Locust stopped the run (its -t ran out, Ctrl-C) while the set-up still waited, e.g.
+            # on audit_can_see: nothing was sent, nothing will be audited, so the run must not exit 0
+            log.error(
+                "the run stopped while its sale was being set up: it sent no traffic and is not audited"
+            )
+            environment.process_exit_code = 1
+            raise
         _sale = Sale(
             options.event_id, zones, options.hold_ttl, AckLog(Path(options.acks_dir), options.event_id)
         )
@@ -379,20 +389,23 @@ def audit_can_see(event_id: str) -> None:
     just set up. Runs ``boxoffice event show`` in a child process, as ``run_audit`` runs the audit; it exits 2
     for an event missing from either store, 1 for a store it cannot reach."""
     cmd = [sys.executable, "-m", "service.cli", "event", "show", event_id]
-    done = subprocess.run(
-        cmd, check=False, capture_output=True, text=True, timeout=AUDIT_CHECK_TIMEOUT_SECONDS
-    )
-    if done.returncode == 0:
-        return
     try:
-        why = orjson.loads(done.stderr)["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        why = lines[-1] if lines else f"exit code {done.returncode}"
+        done = subprocess.run(
+            cmd, check=False, capture_output=True, text=True, timeout=AUDIT_CHECK_TIMEOUT_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        why = f"no answer within {AUDIT_CHECK_TIMEOUT_SECONDS} s"
+    else:
+        if done.returncode == 0:
+            return
+        err = done.stderr or done.stdout
+        code = re.search(r'"code":\s*"([a-z_]+)"', err)  # the JSON error body (``_refuse``), if that was it
+        lines = err.strip().splitlines()
+        why = code.group(1) if code else lines[-1] if lines else f"exit code {done.returncode}"
     raise RuntimeError(
         f"the audit could not read event {event_id} from the Redis and PostgreSQL this Locust process reads "
-        f"(`boxoffice event show`: {why}): give Locust the deployment's REDIS_URL and DATABASE_URL, or "
-        "--skip-audit"
+        f"(`boxoffice event show`: {why}): give Locust the deployment's REDIS_URL and DATABASE_URL (an event "
+        "that the deployment's Redis lost needs `boxoffice rebuild`), or --skip-audit"
     )
 
 

@@ -186,6 +186,41 @@ def test_a_run_whose_audit_would_read_other_servers_fails_before_any_traffic(liv
     assert holds and int(holds.group(1)) > 0, text[-4000:]
 
 
+def test_a_run_that_cannot_reach_the_audits_redis_fails_at_set_up_and_says_why(live_api, tmp_path):
+    """Nothing listens at Locust's REDIS_URL: the check's child process fails at once, and its last line (not
+    a JSON error body this time) is in the message."""
+    base, env, _ = live_api
+    event_id = f"smoke-{uuid.uuid4().hex[:10]}"
+    proc = locust(
+        base, {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, tmp_path, event_id, seconds=20
+    )
+    out, _ = proc.communicate(timeout=90)
+    text = out.decode(errors="replace").replace("\n", " ")
+    assert proc.returncode == 1, text[-4000:]
+    assert re.search(rf"the audit could not read event {event_id} .*Error 111 connecting", text), text[-4000:]
+
+
+def test_a_run_stopped_while_its_set_up_waits_exits_1(live_api, tmp_path):
+    """The run's -t runs out while the set-up's check still waits on a Redis that never answers (a listening
+    socket nobody reads): Locust kills the set-up; nothing was sent or audited, so the run must not exit 0."""
+    import socket
+
+    base, env, _ = live_api
+    event_id = f"smoke-{uuid.uuid4().hex[:10]}"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        proc = locust(
+            base, {**env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}, tmp_path, event_id, seconds=2
+        )
+        out, _ = proc.communicate(timeout=90)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 1, text[-4000:]
+    assert "the run stopped while its sale was being set up" in text, text[-4000:]
+    assert "auditing:" not in text, text[-4000:]
+
+
 def _wait_for(predicate, timeout_seconds: float, what: str, log_path: Path) -> None:
     deadline = time.monotonic() + timeout_seconds
     while not predicate():
