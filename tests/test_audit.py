@@ -455,7 +455,8 @@ async def test_an_event_missing_from_redis_still_has_postgresql_and_the_acks_che
             eid,
         )
         await conn.execute(
-            "INSERT INTO order_items (order_id, event_id, zone_id, seat, quantity) VALUES ('o_big', $1, 'ga', NULL, 11)",
+            "INSERT INTO order_items (order_id, event_id, zone_id, seat, quantity)"
+            " VALUES ('o_big', $1, 'ga', NULL, 11)",
             eid,
         )
     report = await audit_event(rclient, pg, eid, acks, drain_timeout_seconds=5, settings=private_settings)
