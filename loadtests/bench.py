@@ -2,8 +2,13 @@
 
 Everything runs on this machine, over loopback, each load run bounded by ``duration_seconds``:
 
-* a private ``redis-server`` (free port, no persistence) and a private PostgreSQL database
-  ``boxoffice_bench_<pid>`` on the configured server (migrated, dropped at the end);
+* a private PostgreSQL database ``boxoffice_bench_<pid>`` on the configured server (migrated, dropped at the
+  end), and a new private ``redis-server`` (free port, no persistence) for each part of each run: the raw
+  script ceiling, and each auto-pipelining mode. A part leaves hundreds of thousands of keys behind (hold
+  records outlive their holds by a day), and on one Redis for the whole bench the later runs crossed 2^20
+  and 2^21 keys, where Redis rehashes its keyspace a step per command: for some seconds each hold script
+  call took about twice as long, and a 200,000-hold run crossing 2^21 cost Redis 36-47 % more CPU per hold
+  (RESULTS.md). So every part starts on an empty keyspace, and each run repeats the same conditions;
 * for each ``BOXOFFICE_AUTO_PIPELINE`` mode (``true`` / ``false``): ``boxoffice serve --workers 2`` and
   ``boxoffice worker`` as child processes on a free port, and ``wrk`` (2 threads, Lua scripts written
   here) as the load generator, at each concurrency (``DEFAULT_CLIENTS``: 100 and 1,000 connections):
@@ -1276,40 +1281,39 @@ def _run(
     started = time.monotonic()
     rc: int | None = None
     try:
-        with throwaway_redis() as redis_url, throwaway_database(settings.database_url) as database_url:
-            bench_settings = settings.model_copy(
-                update={"redis_url": redis_url, "database_url": database_url}
-            )
-            report["machine"]["redis"] = redis.Redis.from_url(redis_url).info("server")["redis_version"]
+        with throwaway_database(settings.database_url) as database_url:
             import psycopg
 
             with psycopg.connect(database_url) as conn:
                 report["machine"]["postgres"] = conn.execute("SHOW server_version").fetchone()[0]
             for i in range(runs):
                 log(f"run {i + 1}/{runs}: raw hold script (redis-benchmark)")
-                ceiling_event = f"bench-script-{uuid.uuid4().hex[:6]}"
-                load_ceiling_event(bench_settings, ceiling_event)
-                ceilings = [
-                    script_ceiling(redis_url, ceiling_event, pipeline=1, requests=100_000),
-                    script_ceiling(redis_url, ceiling_event, pipeline=16, requests=200_000),
-                ]
+                # each part on a new, empty Redis (see the module docstring: keyspace rehashing)
+                with throwaway_redis() as redis_url:
+                    server = redis.Redis.from_url(redis_url).info("server")
+                    report["machine"]["redis"] = server["redis_version"]
+                    ceiling_event = f"bench-script-{uuid.uuid4().hex[:6]}"
+                    load_ceiling_event(settings.model_copy(update={"redis_url": redis_url}), ceiling_event)
+                    ceilings = [
+                        script_ceiling(redis_url, ceiling_event, pipeline=1, requests=100_000),
+                        script_ceiling(redis_url, ceiling_event, pipeline=16, requests=200_000),
+                    ]
                 for c in ceilings:
                     log(f"  {c.tool}: {c.rps:.0f} EVALSHA hold/s, p50 {c.p50_ms} p99 {c.p99_ms} ms")
-                redis.Redis.from_url(redis_url).srem(
-                    "boxoffice:events", ceiling_event
-                )  # keep the sweeper off it
                 all_ceilings.append(ceilings)
                 run_measures: list[Measure] = []
                 for mode in modes:
                     log(f"run {i + 1}/{runs}: API with BOXOFFICE_AUTO_PIPELINE={str(mode).lower()}")
-                    res = measure_mode(
-                        bench_settings,
-                        mode,
-                        clients=clients,
-                        duration_seconds=duration_seconds,
-                        workdir=workdir,
-                        log=log,
-                    )
+                    with throwaway_redis() as redis_url:
+                        stores = {"redis_url": redis_url, "database_url": database_url}
+                        res = measure_mode(
+                            settings.model_copy(update=stores),
+                            mode,
+                            clients=clients,
+                            duration_seconds=duration_seconds,
+                            workdir=workdir,
+                            log=log,
+                        )
                     run_measures.extend(res["measures"])
                     audits.extend(res["audits"])
                     expiries.extend(res["holds_expiry"])

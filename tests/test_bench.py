@@ -325,6 +325,60 @@ def test_a_failed_bench_keeps_its_working_directory_with_the_childrens_logs(monk
     shutil.rmtree(kept[0])
 
 
+def test_each_part_of_each_run_starts_on_a_new_empty_redis(monkeypatch, tmp_path):
+    """The script ceiling and each auto-pipelining mode of each run get a Redis of their own, empty at the
+    start: on one Redis, the keys a part leaves behind piled up until a later part paid for Redis rehashing
+    its keyspace (RESULTS.md). The load itself is stubbed; the servers and the database are real."""
+    from loadtests import bench
+
+    seen: list[tuple[str, str, list[bytes]]] = []  # (part, Redis URL, keys found when the part started)
+
+    def ceiling(redis_url, event_id, *, pipeline, requests):
+        r = redis.Redis.from_url(redis_url)
+        seen.append((f"ceiling -P {pipeline}", redis_url, sorted(r.keys())))
+        r.set(f"left-behind-by-ceiling-{pipeline}", 1)
+        return _m("EVALSHA hold", 50, 30_000.0)
+
+    def mode(settings, auto_pipeline, **_):
+        r = redis.Redis.from_url(settings.redis_url)
+        seen.append((f"mode {auto_pipeline}", settings.redis_url, sorted(r.keys())))
+        r.set("left-behind-by-mode", 1)
+        measures = [_m("healthz", 100, 30_000.0, auto_pipeline), _m("holds", 100, 18_000.0, auto_pipeline)]
+        lag = {"orders": 0, "p50_ms": 0.0, "p99_ms": 0.0}
+        return {"measures": measures, "audits": [], "holds_expiry": [], "lag": lag}
+
+    monkeypatch.setattr(bench.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    box = {"nproc": "2", "cpu": "a CPU", "python": "3", "kernel": "6", "wrk": "wrk", "python_gauge_us": 10.0}
+    monkeypatch.setattr(bench, "machine", lambda: box)
+    monkeypatch.setattr(bench, "script_ceiling", ceiling)
+    monkeypatch.setattr(bench, "measure_mode", mode)
+    rc = bench._run(
+        Settings(redis_url=None, database_url="postgresql://postgres@127.0.0.1:5432/postgres"),
+        duration_seconds=1,
+        runs=2,
+        clients=[100],
+        modes=[True, False],
+        json_path=tmp_path / "report.json",
+        log=lambda msg: None,
+    )
+    assert rc == 0
+    assert [part for part, _, _ in seen] == ["ceiling -P 1", "ceiling -P 16", "mode True", "mode False"] * 2
+    # the two calls of one ceiling share its Redis (and its event); every other part has a new one
+    urls = [url for _, url, _ in seen]
+    assert urls[0] == urls[1] and urls[4] == urls[5]
+    assert len({urls[0], urls[2], urls[3], urls[4], urls[6], urls[7]}) == 6
+    for part, _, keys in seen:  # nothing an earlier part left behind, but -P 1's key in its own Redis
+        left = [k for k in keys if k.startswith(b"left-behind")]
+        assert left == ([b"left-behind-by-ceiling-1"] if part == "ceiling -P 16" else []), part
+        if part.startswith("mode"):
+            assert keys == [], part
+    for url in set(urls):  # and none of them is left running
+        with pytest.raises(redis.exceptions.ConnectionError):
+            redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["summary"]["modes"]["on"]["holds_vs_healthz"] == 0.6
+
+
 def test_children_already_started_are_stopped_when_a_later_set_up_step_fails(monkeypatch, tmp_path):
     """The API and the worker start before the bench asks Redis for its process id; a Redis that does not
     answer then must not leave them running."""
