@@ -7,8 +7,8 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
   script ceiling, and each auto-pipelining mode. A part leaves hundreds of thousands of keys behind (hold
   records outlive their holds by a day), and on one Redis for the whole bench the later runs crossed 2^20
   and 2^21 keys, where Redis rehashes its keyspace a step per command: for some seconds each hold script
-  call took about twice as long, and a 200,000-hold run crossing 2^21 cost Redis 36-47 % more CPU per hold
-  (RESULTS.md). So every part starts on an empty keyspace, and each run repeats the same conditions;
+  call took up to 1.8 times as long, and a 200,000-hold run crossing 2^21 cost Redis 36-47 % more CPU per
+  hold (RESULTS.md). So every part starts on an empty keyspace, and no run inherits the keys of another;
 * for each ``BOXOFFICE_AUTO_PIPELINE`` mode (``true`` / ``false``): ``boxoffice serve --workers 2`` and
   ``boxoffice worker`` as child processes on a free port, and ``wrk`` (2 threads, Lua scripts written
   here) as the load generator, at each concurrency (``DEFAULT_CLIENTS``: 100 and 1,000 connections):
@@ -19,8 +19,8 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
   ``POST confirm`` (of holds made beforehand through ``Inventory``; confirms/s counts ``201`` only; the
   next run waits until the worker has written those orders through),
   ``GET availability`` and ``GET seats`` (a page of 100 of a 2,000-seat zone);
-* the raw hold script ceiling: ``redis-benchmark`` sending ``EVALSHA hold`` (one hold per call) straight to the same Redis
-  (50 connections, without and with pipelining of 16), while the API is down;
+* the raw hold script ceiling: ``redis-benchmark`` sending ``EVALSHA hold`` (one hold per call) straight to a
+  Redis of its own (50 connections, without and with pipelining of 16), while no API runs;
 * write-through lag p50/p99 of the confirmed orders, from the confirm (``orders.confirmed_at``: the confirm
   script's time, in Redis) to the order row's insert in the write-through transaction (``orders.persisted_at``:
   the column's ``clock_timestamp()`` default, read at the insert, before the commit; the commit is not timed);
@@ -1293,7 +1293,8 @@ def _run(
                     server = redis.Redis.from_url(redis_url).info("server")
                     report["machine"]["redis"] = server["redis_version"]
                     ceiling_event = f"bench-script-{uuid.uuid4().hex[:6]}"
-                    load_ceiling_event(settings.model_copy(update={"redis_url": redis_url}), ceiling_event)
+                    stores = {"redis_url": redis_url, "database_url": database_url}
+                    load_ceiling_event(settings.model_copy(update=stores), ceiling_event)
                     ceilings = [
                         script_ceiling(redis_url, ceiling_event, pipeline=1, requests=100_000),
                         script_ceiling(redis_url, ceiling_event, pipeline=16, requests=200_000),

@@ -331,23 +331,32 @@ def test_each_part_of_each_run_starts_on_a_new_empty_redis(monkeypatch, tmp_path
     its keyspace (RESULTS.md). The load itself is stubbed; the servers and the database are real."""
     from loadtests import bench
 
-    seen: list[tuple[str, str, list[bytes]]] = []  # (part, Redis URL, keys found when the part started)
+    seen: list[tuple[str, str, str, list[bytes]]] = []  # (part, URL, server run_id, keys found at the start)
+
+    def look(part: str, redis_url: str) -> redis.Redis:
+        r = redis.Redis.from_url(redis_url)
+        seen.append((part, redis_url, r.info("server")["run_id"], sorted(r.keys())))
+        return r
 
     def ceiling(redis_url, event_id, *, pipeline, requests):
-        r = redis.Redis.from_url(redis_url)
-        seen.append((f"ceiling -P {pipeline}", redis_url, sorted(r.keys())))
+        r = look(f"ceiling -P {pipeline}", redis_url)
         r.set(f"left-behind-by-ceiling-{pipeline}", 1)
         return _m("EVALSHA hold", 50, 30_000.0)
 
     def mode(settings, auto_pipeline, **_):
-        r = redis.Redis.from_url(settings.redis_url)
-        seen.append((f"mode {auto_pipeline}", settings.redis_url, sorted(r.keys())))
+        assert "/boxoffice_bench_" in settings.database_url  # the bench's own database, as before
+        r = look(f"mode {auto_pipeline}", settings.redis_url)
         r.set("left-behind-by-mode", 1)
         measures = [_m("healthz", 100, 30_000.0, auto_pipeline), _m("holds", 100, 18_000.0, auto_pipeline)]
         lag = {"orders": 0, "p50_ms": 0.0, "p99_ms": 0.0}
         return {"measures": measures, "audits": [], "holds_expiry": [], "lag": lag}
 
-    monkeypatch.setattr(bench.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    which = shutil.which  # the real one finds redis-server, for the throw-away servers
+    monkeypatch.setattr(
+        bench.shutil,
+        "which",
+        lambda tool: "/usr/bin/x" if tool in ("wrk", "redis-benchmark") else which(tool),
+    )
     box = {"nproc": "2", "cpu": "a CPU", "python": "3", "kernel": "6", "wrk": "wrk", "python_gauge_us": 10.0}
     monkeypatch.setattr(bench, "machine", lambda: box)
     monkeypatch.setattr(bench, "script_ceiling", ceiling)
@@ -362,19 +371,27 @@ def test_each_part_of_each_run_starts_on_a_new_empty_redis(monkeypatch, tmp_path
         log=lambda msg: None,
     )
     assert rc == 0
-    assert [part for part, _, _ in seen] == ["ceiling -P 1", "ceiling -P 16", "mode True", "mode False"] * 2
-    # the two calls of one ceiling share its Redis (and its event); every other part has a new one
-    urls = [url for _, url, _ in seen]
-    assert urls[0] == urls[1] and urls[4] == urls[5]
-    assert len({urls[0], urls[2], urls[3], urls[4], urls[6], urls[7]}) == 6
-    for part, _, keys in seen:  # nothing an earlier part left behind, but -P 1's key in its own Redis
+    assert [part for part, _, _, _ in seen] == [
+        "ceiling -P 1",
+        "ceiling -P 16",
+        "mode True",
+        "mode False",
+    ] * 2
+    # the two calls of one ceiling share its Redis (and its event); every other part has a new server
+    servers = [run_id for _, _, run_id, _ in seen]
+    assert servers[0] == servers[1] and servers[4] == servers[5]
+    assert len({servers[0], servers[2], servers[3], servers[4], servers[6], servers[7]}) == 6
+    for part, _, _, keys in seen:  # nothing an earlier part left behind, but -P 1's key in its own Redis
         left = [k for k in keys if k.startswith(b"left-behind")]
         assert left == ([b"left-behind-by-ceiling-1"] if part == "ceiling -P 16" else []), part
         if part.startswith("mode"):
             assert keys == [], part
-    for url in set(urls):  # and none of them is left running
-        with pytest.raises(redis.exceptions.ConnectionError):
-            redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+    for url, run_id in {(url, run_id) for _, url, run_id, _ in seen}:  # and none of them is left running
+        try:
+            answering = redis.Redis.from_url(url, socket_connect_timeout=0.5).info("server")["run_id"]
+        except redis.exceptions.ConnectionError:
+            continue
+        assert answering != run_id  # another server took the port since
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["summary"]["modes"]["on"]["holds_vs_healthz"] == 0.6
 
