@@ -4,14 +4,16 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
 
 * a private PostgreSQL database ``boxoffice_bench_<pid>`` on the configured server (migrated, dropped at the
   end), and a new private ``redis-server`` (free port, no persistence) for each part of each run: the raw
-  script ceiling, and each auto-pipelining mode. A part leaves hundreds of thousands of keys behind (hold
-  records outlive their holds by a day), and on one Redis for the whole bench the later runs crossed 2^20
-  and 2^21 keys, where Redis rehashes its keyspace a step per command: for some seconds each hold script
-  call took up to 1.8 times as long, and a 200,000-hold run crossing 2^21 cost Redis 36-47 % more CPU per
-  hold (RESULTS.md). So every part starts on an empty keyspace, and no run inherits the keys of another;
-* for each ``BOXOFFICE_AUTO_PIPELINE`` mode (``true`` / ``false``): ``boxoffice serve --workers 2`` and
-  ``boxoffice worker`` as child processes on a free port, and ``wrk`` (2 threads, Lua scripts written
-  here) as the load generator, at each concurrency (``DEFAULT_CLIENTS``: 100 and 1,000 connections):
+  script ceiling, and each auto-pipelining mode at each concurrency. A part leaves hundreds of thousands of
+  keys behind (hold records outlive their holds by a day), and on one Redis for the whole bench the later runs
+  crossed 2^20 and 2^21 keys, where Redis rehashes its keyspace a step per command: for some seconds each
+  hold script call took up to 1.8 times as long, and a 200,000-hold run crossing 2^21 cost Redis 36-47 % more
+  CPU per hold (RESULTS.md). With one Redis per mode, a mode's 1,000-client runs still came after the keys of
+  its 100-client runs, and could cross 2^18 or 2^19. So every part starts on an empty keyspace, and no run
+  inherits the keys of another (each part logs how many keys it left);
+* for each ``BOXOFFICE_AUTO_PIPELINE`` mode (``true`` / ``false``) and each concurrency (``DEFAULT_CLIENTS``:
+  100 and 1,000 connections), a part of its own: ``boxoffice serve --workers 2`` and ``boxoffice worker`` as
+  child processes on a free port, and ``wrk`` (2 threads, Lua scripts written here) as the load generator:
   ``GET /healthz`` (the no-work HTTP ceiling), ``POST holds`` (one GA ticket of a 10,000,000-ticket
   zone, so nothing sells out: every hold measured is a ``201``; the requests are built before the run,
   for 10,000 customers per wrk thread taken in turn, as ``/healthz``'s one request is, so the load
@@ -680,12 +682,9 @@ def load_ceiling_event(settings: Settings, event_id: str) -> None:
 # Audit and lag ----------------------------------------------------------------------------------------
 
 
-def audit_and_lag(
-    settings: Settings, sold: dict[str, Path | None], confirm_events: list[str], expiry_timeout_seconds: float
-) -> tuple[list[dict], dict[str, float]]:
-    """Audit each event (acks from the directory, if any); write-through lag p50/p99 over the confirm events'
-    orders: ``persisted_at - confirmed_at``, from the confirm to the order row's insert in the write-through
-    transaction (``persisted_at`` is the insert's ``clock_timestamp()``, not the commit)."""
+def audit_sold(settings: Settings, sold: dict[str, Path | None], expiry_timeout_seconds: float) -> list[dict]:
+    """Audit each event (acks from the directory, if any) against this part's Redis and the bench's database.
+    Returns one verdict a event: {"event_id", "ok", "acks", "orders", "violations" (the first 5), "violation_count"}."""
     from loadtests.audit import audit_event, load_acks
     from service import db
     from service.app import redis_client
@@ -716,20 +715,29 @@ def audit_and_lag(
                         "violation_count": len(rep.violations),
                     }
                 )
-            row = await pool.fetchrow(
-                "SELECT count(*) AS n, percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) AS p50,"
-                " percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) AS p99 FROM ("
-                "  SELECT extract(epoch FROM persisted_at - confirmed_at) * 1000 AS lag FROM orders"
-                "  WHERE event_id = ANY($1::text[])) t",
-                confirm_events,
-            )
-            lag = {"orders": row["n"], "p50_ms": float(row["p50"] or 0), "p99_ms": float(row["p99"] or 0)}
-            return verdicts, lag
+            return verdicts
         finally:
             await pool.close()
             await client.aclose()
 
     return asyncio.run(go())
+
+
+def write_through_lag(database_url: str, confirm_events: list[str]) -> dict[str, float]:
+    """Write-through lag over the confirm events' orders, in milliseconds: {"orders", "p50_ms", "p99_ms"} of
+    ``persisted_at - confirmed_at``, from the confirm to the order row's insert in the write-through
+    transaction (``persisted_at`` is the insert's ``clock_timestamp()``, not the commit). Zeros without orders."""
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        n, p50, p99 = conn.execute(
+            "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),"
+            " percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FROM ("
+            "  SELECT extract(epoch FROM persisted_at - confirmed_at) * 1000 AS lag FROM orders"
+            "  WHERE event_id = ANY(%s)) t",
+            (confirm_events,),
+        ).fetchone()
+    return {"orders": n, "p50_ms": float(p50 or 0), "p99_ms": float(p99 or 0)}
 
 
 # Private PostgreSQL database ------------------------------------------------------------------------
@@ -748,9 +756,11 @@ def measure_mode(
     log: Any,
 ) -> dict[str, Any]:
     """Start ``boxoffice serve --workers 2`` and ``boxoffice worker`` with BOXOFFICE_AUTO_PIPELINE set; run
-    the routes with wrk; audit what was sold. Returns {"measures", "audits", "lag"}."""
+    the routes with wrk at each of ``clients``; audit what was sold. Returns {"measures", "audits",
+    "holds_expiry", "confirm_events"} (the write-through lag is the caller's, over all of a mode's parts)."""
     token = secrets.token_hex(16)
     mode = "on" if auto_pipeline else "off"
+    part = f"{mode}-c{'-'.join(map(str, clients))}"  # names this part's logs
     metrics_dir = Path(tempfile.mkdtemp(prefix="boxoffice-bench-metrics-"))
     per_mode = {
         "REDIS_URL": settings.redis_url,
@@ -783,10 +793,10 @@ def measure_mode(
             str(port),
             "--no-migrate",
             env=env,
-            log_path=workdir / f"serve-{mode}.log",
+            log_path=workdir / f"serve-{part}.log",
         )
         started.append(api)
-        worker = boxoffice("worker", env=env, log_path=workdir / f"worker-{mode}.log")
+        worker = boxoffice("worker", env=env, log_path=workdir / f"worker-{part}.log")
         started.insert(0, worker)  # stopped first, then the API, as always
         redis_pid = int(redis.Redis.from_url(settings.redis_url).info("server")["process_id"])
         groups = {
@@ -868,8 +878,14 @@ def measure_mode(
             confirm_events.append(confirm_event)
             run("availability", [f"/v1/events/{read_event}/availability"])
             run("seats", [f"/v1/events/{read_event}/zones/s/seats?limit=100"])
-        audits, lag = audit_and_lag(settings, sold, confirm_events, expiry_timeout_seconds=hold_ttl + 5)
-        return {"measures": measures, "audits": audits, "lag": lag, "holds_expiry": expiries}
+        log(f"  this part's Redis holds {redis.Redis.from_url(settings.redis_url).dbsize():,} keys")
+        audits = audit_sold(settings, sold, expiry_timeout_seconds=hold_ttl + 5)
+        return {
+            "measures": measures,
+            "audits": audits,
+            "holds_expiry": expiries,
+            "confirm_events": confirm_events,
+        }
     finally:
         try:
             stop_all(started)
@@ -1304,25 +1320,33 @@ def _run(
                 all_ceilings.append(ceilings)
                 run_measures: list[Measure] = []
                 for mode in modes:
-                    log(f"run {i + 1}/{runs}: API with BOXOFFICE_AUTO_PIPELINE={str(mode).lower()}")
-                    with throwaway_redis() as redis_url:
-                        stores = {"redis_url": redis_url, "database_url": database_url}
-                        res = measure_mode(
-                            settings.model_copy(update=stores),
-                            mode,
-                            clients=clients,
-                            duration_seconds=duration_seconds,
-                            workdir=workdir,
-                            log=log,
+                    mode_audits: list[dict] = []
+                    confirm_events: list[str] = []
+                    for c in clients:  # each concurrency on a Redis of its own (the module docstring)
+                        log(
+                            f"run {i + 1}/{runs}: API with BOXOFFICE_AUTO_PIPELINE={str(mode).lower()}, {c} clients"
                         )
-                    run_measures.extend(res["measures"])
-                    audits.extend(res["audits"])
-                    expiries.extend(res["holds_expiry"])
-                    lags.setdefault("on" if mode else "off", []).append(res["lag"])
+                        with throwaway_redis() as redis_url:
+                            stores = {"redis_url": redis_url, "database_url": database_url}
+                            res = measure_mode(
+                                settings.model_copy(update=stores),
+                                mode,
+                                clients=[c],
+                                duration_seconds=duration_seconds,
+                                workdir=workdir,
+                                log=log,
+                            )
+                        run_measures.extend(res["measures"])
+                        mode_audits.extend(res["audits"])
+                        expiries.extend(res["holds_expiry"])
+                        confirm_events.extend(res["confirm_events"])
+                    lag = write_through_lag(database_url, confirm_events)
+                    audits.extend(mode_audits)
+                    lags.setdefault("on" if mode else "off", []).append(lag)
                     log(
-                        f"  write-through lag (confirm to order-row insert) p50 {res['lag']['p50_ms']:.0f} ms, p99 {res['lag']['p99_ms']:.0f} ms "
-                        f"over {res['lag']['orders']} orders; audit: "
-                        f"{sum(a['violation_count'] for a in res['audits'])} violations in {len(res['audits'])} events"
+                        f"  write-through lag (confirm to order-row insert) p50 {lag['p50_ms']:.0f} ms, p99 {lag['p99_ms']:.0f} ms "
+                        f"over {lag['orders']} orders; audit: "
+                        f"{sum(a['violation_count'] for a in mode_audits)} violations in {len(mode_audits)} events"
                     )
                 all_measures.append(run_measures)
         measures = _median_measures(all_measures)

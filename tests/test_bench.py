@@ -326,9 +326,10 @@ def test_a_failed_bench_keeps_its_working_directory_with_the_childrens_logs(monk
 
 
 def test_each_part_of_each_run_starts_on_a_new_empty_redis(monkeypatch, tmp_path):
-    """The script ceiling and each auto-pipelining mode of each run get a Redis of their own, empty at the
-    start: on one Redis, the keys a part leaves behind piled up until a later part paid for Redis rehashing
-    its keyspace (RESULTS.md). The load itself is stubbed; the servers and the database are real."""
+    """The script ceiling and each auto-pipelining mode at each concurrency of each run get a Redis of their
+    own, empty at the start: on one Redis, the keys a part leaves behind piled up until a later part paid for
+    Redis rehashing its keyspace (RESULTS.md). The load itself is stubbed; the servers and the database are
+    real. A mode's write-through lag is taken over the orders of all its parts."""
     from loadtests import bench
 
     seen: list[tuple[str, str, str, list[bytes]]] = []  # (part, URL, server run_id, keys found at the start)
@@ -343,13 +344,21 @@ def test_each_part_of_each_run_starts_on_a_new_empty_redis(monkeypatch, tmp_path
         r.set(f"left-behind-by-ceiling-{pipeline}", 1)
         return _m("EVALSHA hold", 50, 30_000.0)
 
-    def mode(settings, auto_pipeline, **_):
+    lag_events: list[list[str]] = []
+
+    def mode(settings, auto_pipeline, *, clients, **_):
         assert "/boxoffice_bench_" in settings.database_url  # the bench's own database, as before
-        r = look(f"mode {auto_pipeline}", settings.redis_url)
+        (c,) = clients
+        r = look(f"mode {auto_pipeline} c{c}", settings.redis_url)
         r.set("left-behind-by-mode", 1)
-        measures = [_m("healthz", 100, 30_000.0, auto_pipeline), _m("holds", 100, 18_000.0, auto_pipeline)]
-        lag = {"orders": 0, "p50_ms": 0.0, "p99_ms": 0.0}
-        return {"measures": measures, "audits": [], "holds_expiry": [], "lag": lag}
+        measures = [_m("healthz", c, 30_000.0, auto_pipeline), _m("holds", c, 18_000.0, auto_pipeline)]
+        events = [f"confirm-{auto_pipeline}-{c}"]
+        return {"measures": measures, "audits": [], "holds_expiry": [], "confirm_events": events}
+
+    def lag(database_url, confirm_events):
+        assert "/boxoffice_bench_" in database_url
+        lag_events.append(list(confirm_events))
+        return {"orders": 0, "p50_ms": 0.0, "p99_ms": 0.0}
 
     which = shutil.which  # the real one finds redis-server, for the throw-away servers
     monkeypatch.setattr(
@@ -361,11 +370,12 @@ def test_each_part_of_each_run_starts_on_a_new_empty_redis(monkeypatch, tmp_path
     monkeypatch.setattr(bench, "machine", lambda: box)
     monkeypatch.setattr(bench, "script_ceiling", ceiling)
     monkeypatch.setattr(bench, "measure_mode", mode)
+    monkeypatch.setattr(bench, "write_through_lag", lag)
     rc = bench._run(
         Settings(redis_url=None, database_url="postgresql://postgres@127.0.0.1:5432/postgres"),
         duration_seconds=1,
         runs=2,
-        clients=[100],
+        clients=[100, 1000],
         modes=[True, False],
         json_path=tmp_path / "report.json",
         log=lambda msg: None,
@@ -374,13 +384,19 @@ def test_each_part_of_each_run_starts_on_a_new_empty_redis(monkeypatch, tmp_path
     assert [part for part, _, _, _ in seen] == [
         "ceiling -P 1",
         "ceiling -P 16",
-        "mode True",
-        "mode False",
+        "mode True c100",
+        "mode True c1000",
+        "mode False c100",
+        "mode False c1000",
     ] * 2
     # the two calls of one ceiling share its Redis (and its event); every other part has a new server
     servers = [run_id for _, _, run_id, _ in seen]
-    assert servers[0] == servers[1] and servers[4] == servers[5]
-    assert len({servers[0], servers[2], servers[3], servers[4], servers[6], servers[7]}) == 6
+    assert servers[0] == servers[1] and servers[6] == servers[7]
+    assert len(set(servers)) == len(servers) - 2
+    assert (
+        lag_events
+        == [["confirm-True-100", "confirm-True-1000"], ["confirm-False-100", "confirm-False-1000"]] * 2
+    )
     for part, _, _, keys in seen:  # nothing an earlier part left behind, but -P 1's key in its own Redis
         left = [k for k in keys if k.startswith(b"left-behind")]
         assert left == ([b"left-behind-by-ceiling-1"] if part == "ceiling -P 16" else []), part
@@ -495,3 +511,41 @@ def test_the_cpu_table_shows_each_runs_idle_share(capsys):
     out = capsys.readouterr().out.splitlines()
     cpu_row = next(ln for ln in out if ln.startswith("│ holds") and "wrk" not in ln)
     assert cpu_row.split("│")[-2].strip() == "6.2"  # the CPU table's last column
+
+
+def test_a_modes_write_through_lag_is_taken_over_the_orders_of_the_events_named(database_url):
+    """``write_through_lag`` reads the orders' ``persisted_at - confirmed_at`` in PostgreSQL, in milliseconds,
+    over the events it is given only (a mode's confirm events, from all its parts)."""
+    import psycopg
+
+    from loadtests.bench import write_through_lag
+
+    tag = uuid.uuid4().hex[:8]
+    mine, theirs = [f"lag-{tag}-a", f"lag-{tag}-b"], f"lag-{tag}-other"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for eid in (*mine, theirs):
+            conn.execute(
+                "INSERT INTO events (event_id, name, starts_at, hold_ttl_seconds, max_tickets_per_customer)"
+                " VALUES (%s, 'lag', now(), 60, 4)",
+                (eid,),
+            )
+        for i, (eid, lag_ms) in enumerate([(mine[0], 10), (mine[1], 20), (mine[1], 30), (theirs, 5000)]):
+            conn.execute(
+                "INSERT INTO orders (order_id, event_id, hold_id, customer_id, amount_cents, confirmed_at,"
+                " persisted_at) VALUES (%s, %s, %s, 'c', 0, now(), now() + make_interval(secs => %s))",
+                (f"o-{tag}-{i}", eid, f"h-{tag}-{i}", lag_ms / 1000),
+            )
+    try:
+        lag = write_through_lag(database_url, mine)
+        assert lag["orders"] == 3
+        assert lag["p50_ms"] == pytest.approx(20.0)
+        assert lag["p99_ms"] == pytest.approx(29.8)  # percentile_cont: 20 + 0.98 * (30 - 20)
+        assert write_through_lag(database_url, [f"lag-{tag}-none"]) == {
+            "orders": 0,
+            "p50_ms": 0.0,
+            "p99_ms": 0.0,
+        }
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM orders WHERE event_id = ANY(%s)", ([*mine, theirs],))
+            conn.execute("DELETE FROM events WHERE event_id = ANY(%s)", ([*mine, theirs],))
