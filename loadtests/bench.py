@@ -10,7 +10,7 @@ Everything runs on this machine, over loopback, each load run bounded by ``durat
   hold script call took up to 1.8 times as long, and a 200,000-hold run crossing 2^21 cost Redis 36-47 % more
   CPU per hold (RESULTS.md). With one Redis per mode, a mode's 1,000-client runs still came after the keys of
   its 100-client runs, and could cross 2^18 or 2^19. So every part starts on an empty keyspace, and no run
-  inherits the keys of another (each part logs how many keys it left);
+  inherits the keys of another (each API part logs how many keys its Redis holds before the audit);
 * for each ``BOXOFFICE_AUTO_PIPELINE`` mode (``true`` / ``false``) and each concurrency (``DEFAULT_CLIENTS``:
   100 and 1,000 connections), a part of its own: ``boxoffice serve --workers 2`` and ``boxoffice worker`` as
   child processes on a free port, and ``wrk`` (2 threads, Lua scripts written here) as the load generator:
@@ -108,7 +108,7 @@ _SET_PER_MODE = (
     "BOXOFFICE_ADMIN_TOKEN",
     "BOXOFFICE_AUTO_PIPELINE",
 )
-"""The names ``measure_mode`` sets per mode (over the caller's)."""
+"""The names ``measure_mode`` sets per part, one mode at one concurrency (over the caller's)."""
 
 
 def child_env(environ: dict[str, str], overrides: dict[str, str]) -> dict[str, str]:
@@ -684,7 +684,8 @@ def load_ceiling_event(settings: Settings, event_id: str) -> None:
 
 def audit_sold(settings: Settings, sold: dict[str, Path | None], expiry_timeout_seconds: float) -> list[dict]:
     """Audit each event (acks from the directory, if any) against this part's Redis and the bench's database.
-    Returns one verdict a event: {"event_id", "ok", "acks", "orders", "violations" (the first 5), "violation_count"}."""
+    Returns one verdict an event: {"event_id", "ok", "acks", "orders", "violations" (the first 5),
+    "violation_count"}."""
     from loadtests.audit import audit_event, load_acks
     from service import db
     from service.app import redis_client
@@ -723,7 +724,7 @@ def audit_sold(settings: Settings, sold: dict[str, Path | None], expiry_timeout_
     return asyncio.run(go())
 
 
-def write_through_lag(database_url: str, confirm_events: list[str]) -> dict[str, float]:
+def write_through_lag(database_url: str, confirm_events: list[str]) -> dict[str, Any]:
     """Write-through lag over the confirm events' orders, in milliseconds: {"orders", "p50_ms", "p99_ms"} of
     ``persisted_at - confirmed_at``, from the confirm to the order row's insert in the write-through
     transaction (``persisted_at`` is the insert's ``clock_timestamp()``, not the commit). Zeros without orders."""
@@ -743,7 +744,7 @@ def write_through_lag(database_url: str, confirm_events: list[str]) -> dict[str,
 # Private PostgreSQL database ------------------------------------------------------------------------
 
 
-# One mode: API + worker up, every route at every concurrency ----------------------------------------
+# One part: API + worker up, every route at the concurrencies given (one, from _run) ----------------
 
 
 def measure_mode(
@@ -1344,8 +1345,8 @@ def _run(
                     audits.extend(mode_audits)
                     lags.setdefault("on" if mode else "off", []).append(lag)
                     log(
-                        f"  write-through lag (confirm to order-row insert) p50 {lag['p50_ms']:.0f} ms, p99 {lag['p99_ms']:.0f} ms "
-                        f"over {lag['orders']} orders; audit: "
+                        "  write-through lag (confirm to order-row insert) "
+                        f"p50 {lag['p50_ms']:.0f} ms, p99 {lag['p99_ms']:.0f} ms over {lag['orders']} orders; audit: "
                         f"{sum(a['violation_count'] for a in mode_audits)} violations in {len(mode_audits)} events"
                     )
                 all_measures.append(run_measures)
