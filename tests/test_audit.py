@@ -125,6 +125,24 @@ async def sweeper(inventory: Inventory, settings: Settings) -> AsyncIterator[Non
         await task
 
 
+async def bounded_audit(rclient, pg, eid, acks, settings, *, reap_grace_seconds: float, bound_seconds: float):
+    """An audit that waits at most 1 s for the drain and 1 s for holds to expire, plus ``reap_grace_seconds``;
+    asyncio.TimeoutError if it takes longer than ``bound_seconds`` in all."""
+    return await asyncio.wait_for(
+        audit_event(
+            rclient,
+            pg,
+            eid,
+            acks,
+            drain_timeout_seconds=1,
+            hold_expiry_timeout_seconds=1,
+            reap_grace_seconds=reap_grace_seconds,
+            settings=settings,
+        ),
+        timeout=bound_seconds,
+    )
+
+
 async def test_clean_sale_passes(inventory, rclient, pg, private_settings, tmp_path):
     eid, acks = await small_sale(inventory, rclient, pg, private_settings, abandon=True)
     (tmp_path / "w1.jsonl").write_bytes(b"".join(orjson.dumps(a) + b"\n" for a in acks[:2]))
@@ -547,18 +565,9 @@ async def test_a_clock_ahead_of_the_scripts_one_does_not_spin_nor_blame_the_serv
     eid, acks = await small_sale(inventory, rclient, pg, private_settings)
     await hold(inventory, eid, "skewed", [{"zone_id": "ga", "quantity": 1}], ttl=5)
 
-    report = await asyncio.wait_for(
-        audit_event(
-            rclient,
-            pg,
-            eid,
-            acks,
-            drain_timeout_seconds=1,
-            hold_expiry_timeout_seconds=1,
-            reap_grace_seconds=0.5,
-            settings=private_settings,
-        ),
-        timeout=3.5,  # the hold expires 5 s after it was made: a loop that waits for that fails here
+    # the hold expires 5 s after it was made: a loop that waits for that fails the 3.5-s bound
+    report = await bounded_audit(
+        rclient, pg, eid, acks, private_settings, reap_grace_seconds=0.5, bound_seconds=3.5
     )
     assert report.active_holds == 1 and report.holds_reaped == 0
     assert "holds" in checks_failed(report) and "reaping" not in checks_failed(report)
@@ -587,18 +596,8 @@ async def test_the_wait_for_holds_ends_while_a_sale_keeps_making_holds(
         async with sweeper(inventory, private_settings):
             await asyncio.sleep(1.2)  # the first trickled holds have expired: the sweeper is at work
             started = asyncio.get_running_loop().time()
-            report = await asyncio.wait_for(
-                audit_event(
-                    rclient,
-                    pg,
-                    eid,
-                    acks,
-                    drain_timeout_seconds=1,
-                    hold_expiry_timeout_seconds=1,
-                    reap_grace_seconds=1,
-                    settings=private_settings,
-                ),
-                timeout=10,
+            report = await bounded_audit(
+                rclient, pg, eid, acks, private_settings, reap_grace_seconds=1, bound_seconds=10
             )
             waited = asyncio.get_running_loop().time() - started
     finally:
